@@ -1,0 +1,397 @@
+"""The ``dasgd`` command.
+
+Subcommands::
+
+    dasgd run [OPTIONS]        train with one process per node; prints the summary table
+    dasgd summary RUN_DIR      print a finished run's table again (--json for the raw summary)
+    dasgd topology SPEC        nodes, edges, degrees, diameter, spectral gap of a topology
+    dasgd node ...             one node process (started by `dasgd run`, not by hand)
+
+:func:`config_from_args` is a pure function from parsed arguments to a
+:class:`~dasgd.config.RunConfig`. User mistakes print one line
+(``dasgd: error: ...``) and exit with code 2; a failed run exits 1; Ctrl-C 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .config import (
+    ALGORITHMS,
+    DataConfig,
+    ModelConfig,
+    RunConfig,
+    TopologyConfig,
+    TrainConfig,
+    TransportConfig,
+)
+from .errors import ConfigError, DasgdError
+
+__all__ = ["build_parser", "config_from_args", "main"]
+
+_DEFAULTS = RunConfig()
+
+
+def _hidden(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated layer sizes like 64 or 128,64, got {text!r}"
+        ) from None
+    return sizes
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    d = _DEFAULTS
+    g = p.add_argument_group("nodes and topology")
+    g.add_argument(
+        "-n",
+        "--nodes",
+        type=int,
+        default=None,
+        help="number of node processes (default 4; from the file for a graph file)",
+    )
+    g.add_argument(
+        "--topology",
+        default=d.topology.spec,
+        help="builder spec (ring, torus:2x4, complete, star, hypercube, exponential, random-regular:D, erdos-renyi:P, small-world:K:P, path, grid:RxC) or a graph file (.json node-link, .graphml, .edgelist); see `dasgd topology` (default: %(default)s)",
+    )
+    g.add_argument(
+        "--topology-seed",
+        type=int,
+        default=d.topology.seed,
+        help="seed of random topologies (default: %(default)s)",
+    )
+    g.add_argument(
+        "--algorithm",
+        choices=ALGORITHMS,
+        default=d.algorithm,
+        help="training algorithm (default: %(default)s)",
+    )
+
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--dataset",
+        default=d.data.dataset,
+        help="digits, breast_cancer, wine, iris, or a path to an svmlight/LIBSVM or .npz (X, y) file (default: %(default)s)",
+    )
+    g.add_argument(
+        "--test-fraction",
+        type=float,
+        default=d.data.test_fraction,
+        help="held-out test fraction (default: %(default)s)",
+    )
+    g.add_argument(
+        "--no-standardize",
+        action="store_true",
+        help="keep raw features (default: zero mean, unit variance)",
+    )
+    g.add_argument(
+        "--sharding",
+        choices=("iid", "label"),
+        default=d.data.sharding,
+        help="i.i.d. shards or non-i.i.d. by label (default: %(default)s)",
+    )
+    g.add_argument(
+        "--dirichlet-alpha",
+        type=float,
+        default=d.data.dirichlet_alpha,
+        help="label skew for --sharding label; small = skewed (default: %(default)s)",
+    )
+
+    g = p.add_argument_group("model")
+    g.add_argument(
+        "--model",
+        default=d.model.name,
+        help="softmax, logistic, least_squares or mlp (default: %(default)s)",
+    )
+    g.add_argument(
+        "--hidden",
+        type=_hidden,
+        default=d.model.hidden,
+        help="MLP hidden layer sizes, e.g. 128,64 (default: 64)",
+    )
+    g.add_argument(
+        "--activation",
+        default=d.model.activation,
+        help="MLP activation, relu or tanh (default: %(default)s)",
+    )
+    g.add_argument(
+        "--l2", type=float, default=d.model.l2, help="L2 penalty on weights (default: %(default)s)"
+    )
+    g.add_argument(
+        "--dtype",
+        default=d.model.dtype,
+        help="float32 or float64 parameters and deltas (default: %(default)s)",
+    )
+
+    g = p.add_argument_group("training")
+    g.add_argument(
+        "--optimizer",
+        default=d.train.optimizer,
+        help="local update rule: sgd, momentum or amsgrad (default: %(default)s)",
+    )
+    g.add_argument(
+        "--lr", type=float, default=d.train.lr, help="step size eta (default: %(default)s)"
+    )
+    g.add_argument(
+        "--momentum",
+        type=float,
+        default=d.train.momentum,
+        help="momentum for --optimizer momentum (default: %(default)s)",
+    )
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=d.train.batch_size,
+        help="mini-batch size M per local step (default: %(default)s)",
+    )
+    g.add_argument(
+        "--steps", type=int, default=None, help="local steps per node (overrides --epochs)"
+    )
+    g.add_argument(
+        "--epochs",
+        type=float,
+        default=d.train.epochs,
+        help="passes over each node's shard (default: %(default)s)",
+    )
+    g.add_argument(
+        "--send-every",
+        type=int,
+        default=d.train.send_every,
+        help="local steps per sent delta, b (default: %(default)s)",
+    )
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=d.train.seed,
+        help="seed of split, shards, x0 and batches (default: %(default)s)",
+    )
+
+    g = p.add_argument_group("transport")
+    g.add_argument(
+        "--transport",
+        default=d.transport.kind,
+        help="ipc (one machine) or tcp (default: %(default)s)",
+    )
+    g.add_argument(
+        "--host", default=d.transport.host, help="interface tcp inboxes bind (default: %(default)s)"
+    )
+    g.add_argument(
+        "--base-port",
+        type=int,
+        default=d.transport.base_port,
+        help="tcp port of node 0, node i uses base+i; 0 = any free ports (default: %(default)s)",
+    )
+    g.add_argument(
+        "--hwm",
+        type=int,
+        default=d.transport.hwm_msgs,
+        help="ZeroMQ high-water mark in messages (default: %(default)s)",
+    )
+    g.add_argument(
+        "--max-backlog",
+        type=int,
+        default=d.transport.max_backlog_msgs,
+        help="stop stepping while more messages wait for neighbours (default: %(default)s)",
+    )
+    g.add_argument(
+        "--send-timeout-s",
+        type=float,
+        default=d.transport.send_timeout_s,
+        help="a neighbour accepting nothing this long is dead (default: %(default)s)",
+    )
+    g.add_argument(
+        "--ready-timeout-s",
+        type=float,
+        default=d.transport.ready_timeout_s,
+        help="deadline for all nodes to be ready (default: %(default)s)",
+    )
+    g.add_argument(
+        "--drain-timeout-s",
+        type=float,
+        default=d.transport.drain_timeout_s,
+        help="give up draining after this long without messages (default: %(default)s)",
+    )
+
+    g = p.add_argument_group("output")
+    g.add_argument(
+        "--out-dir", default=d.out_dir, help="parent of run directories (default: %(default)s)"
+    )
+    g.add_argument("--run-id", default=None, help="run directory name (default: timestamped)")
+    g.add_argument(
+        "--log-interval-s",
+        type=float,
+        default=d.log_interval_s,
+        help="seconds between interval records (default: %(default)s)",
+    )
+    g.add_argument(
+        "--timeout-s", type=float, default=None, help="deadline of the whole run (default: none)"
+    )
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``dasgd`` command."""
+    parser = argparse.ArgumentParser(
+        prog="dasgd", description="Decentralized asynchronous SGD over ZeroMQ."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("run", help="train with one process per node and print the summary")
+    _add_run_options(p)
+    p = sub.add_parser("summary", help="print the table of a finished run")
+    p.add_argument("run_dir", help="a run directory (holds summary.json)")
+    p.add_argument("--json", action="store_true", help="print summary.json instead of the table")
+    p = sub.add_parser(
+        "topology", help="describe a topology: nodes, edges, degrees, diameter, spectral gap"
+    )
+    p.add_argument("spec", help="builder spec or graph file, as for `dasgd run --topology`")
+    p.add_argument(
+        "-n", "--nodes", type=int, default=None, help="number of nodes for a builder (default 4)"
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of random builders (default: %(default)s)"
+    )
+    p.add_argument("--json", action="store_true", help="print the description as JSON")
+    p = sub.add_parser("node", help="one node process (internal: started by `dasgd run`)")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--node-id", type=int, required=True)
+    p.add_argument("--control", required=True)
+    return parser
+
+
+def _default_nodes(nodes: int | None, spec: str) -> int | None:
+    from .topology import is_graph_file_spec
+
+    if nodes is not None:
+        return nodes
+    return None if is_graph_file_spec(spec) else 4
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """Turn parsed ``dasgd run`` arguments into a validated :class:`RunConfig`.
+
+    Raises
+    ------
+    ConfigError
+        Naming the bad value and its flag.
+    """
+    return RunConfig(
+        n_nodes=_default_nodes(args.nodes, args.topology),
+        algorithm=args.algorithm,
+        topology=TopologyConfig(spec=args.topology, seed=args.topology_seed),
+        data=DataConfig(
+            dataset=args.dataset,
+            test_fraction=args.test_fraction,
+            standardize=not args.no_standardize,
+            sharding=args.sharding,
+            dirichlet_alpha=args.dirichlet_alpha,
+        ),
+        model=ModelConfig(
+            name=args.model,
+            hidden=args.hidden,
+            activation=args.activation,
+            l2=args.l2,
+            dtype=args.dtype,
+        ),
+        train=TrainConfig(
+            optimizer=args.optimizer,
+            lr=args.lr,
+            momentum=args.momentum,
+            batch_size=args.batch_size,
+            steps=args.steps,
+            epochs=args.epochs,
+            send_every=args.send_every,
+            seed=args.seed,
+        ),
+        transport=TransportConfig(
+            kind=args.transport,
+            host=args.host,
+            base_port=args.base_port,
+            hwm_msgs=args.hwm,
+            max_backlog_msgs=args.max_backlog,
+            send_timeout_s=args.send_timeout_s,
+            ready_timeout_s=args.ready_timeout_s,
+            drain_timeout_s=args.drain_timeout_s,
+        ),
+        out_dir=args.out_dir,
+        run_id=args.run_id,
+        log_interval_s=args.log_interval_s,
+        timeout_s=args.timeout_s,
+    )
+
+
+def _cmd_run(args) -> int:
+    from .launch import run
+    from .metrics import format_summary
+    from .models import MODELS
+
+    config = config_from_args(args)
+    if config.model.name not in MODELS:
+        raise ConfigError(
+            f"unknown model {config.model.name!r}: choose one of {', '.join(MODELS)} (--model)"
+        )
+    run_dir, summary = run(config, progress=not args.quiet)
+    print(format_summary(summary))
+    print(f"\nrun directory: {run_dir}")
+    return 0
+
+
+def _cmd_summary(args) -> int:
+    from .metrics import format_summary
+
+    path = Path(args.run_dir) / "summary.json"
+    if not path.is_file():
+        raise ConfigError(
+            f"no summary.json in {args.run_dir!r}: give a finished run directory (runs/<run-id>)"
+        )
+    try:
+        summary = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    return 0
+
+
+def _cmd_topology(args) -> int:
+    from .topology import describe_topology, format_topology, parse_topology
+
+    graph = parse_topology(args.spec, _default_nodes(args.nodes, args.spec), seed=args.seed)
+    print(json.dumps(describe_topology(graph), indent=2) if args.json else format_topology(graph))
+    return 0
+
+
+def _cmd_node(args) -> int:
+    from .node import node_main
+
+    return node_main(args.run_dir, args.node_id, args.control)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``dasgd`` command; returns its exit code."""
+    args = build_parser().parse_args(argv)
+    command = {
+        "run": _cmd_run,
+        "summary": _cmd_summary,
+        "topology": _cmd_topology,
+        "node": _cmd_node,
+    }[args.command]
+    try:
+        return command(args)
+    except ConfigError as exc:
+        print(f"dasgd: error: {exc}", file=sys.stderr)
+        return 2
+    except DasgdError as exc:
+        print(f"dasgd: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("dasgd: interrupted; every node process was stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,341 @@
+"""Frozen, validated configuration of a run, (de)serialized to JSON for node processes.
+
+A :class:`RunConfig` groups :class:`TopologyConfig`, :class:`DataConfig`,
+:class:`ModelConfig`, :class:`TrainConfig` and :class:`TransportConfig`. Each
+dataclass validates its values once in ``__post_init__`` and raises
+:class:`~dasgd.errors.ConfigError` naming the bad value, the valid range and
+the command-line flag that sets it. ``run_config_from_dict(cfg.to_dict())``
+round-trips exactly; the launcher writes ``config.json`` in the run directory
+and every node reads it back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+
+__all__ = [
+    "ALGORITHMS",
+    "DataConfig",
+    "ModelConfig",
+    "RunConfig",
+    "TopologyConfig",
+    "TrainConfig",
+    "TransportConfig",
+    "run_config_from_dict",
+]
+
+ALGORITHMS = ("dasgd",)
+TRANSPORTS = ("ipc", "tcp")
+DTYPES = ("float32", "float64")
+SHARDINGS = ("iid", "label")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _positive(
+    value, name: str, flag: str, *, integer: bool = False, allow_zero: bool = False
+) -> None:
+    kind = int if integer else (int, float)
+    good = isinstance(value, kind) and not isinstance(value, bool)
+    if good and not integer:
+        good = math.isfinite(value)
+    if good:
+        good = value >= 0 if allow_zero else value > 0
+    what = "an integer" if integer else "a number"
+    bound = ">= 0" if allow_zero else "> 0"
+    _check(good, f"{name} must be {what} {bound}, got {value!r} ({flag})")
+
+
+def _choice(value, choices, name: str, flag: str) -> None:
+    _check(
+        value in choices, f"unknown {name} {value!r}: choose one of {', '.join(choices)} ({flag})"
+    )
+
+
+@dataclass(frozen=True)
+class TopologyConfig:
+    """Which graph connects the nodes.
+
+    Attributes
+    ----------
+    spec : str
+        A builder spec (``ring``, ``torus:2x4``, ``random-regular:3`` ...) or a
+        graph file; see :func:`dasgd.topology.parse_topology`.
+    seed : int
+        Seed of random builders.
+    """
+
+    spec: str = "ring"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(
+            isinstance(self.spec, str) and self.spec.strip() != "",
+            f"topology must be a non-empty string, got {self.spec!r} (--topology)",
+        )
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Dataset, split and sharding.
+
+    Attributes
+    ----------
+    dataset : str
+        ``digits``, ``breast_cancer``, ``wine``, ``iris``, or a path to an
+        svmlight/LIBSVM or ``.npz`` file.
+    test_fraction : float
+        Fraction of samples held out for testing, in (0, 1).
+    standardize : bool
+        Scale features to zero mean and unit variance (fit on the training split).
+    sharding : {"iid", "label"}
+        I.i.d. shards, or non-i.i.d. shards by label with Dirichlet(alpha).
+    dirichlet_alpha : float
+        Concentration for ``sharding="label"``; small = skewed.
+    """
+
+    dataset: str = "digits"
+    test_fraction: float = 0.2
+    standardize: bool = True
+    sharding: str = "iid"
+    dirichlet_alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        _check(
+            isinstance(self.dataset, str) and self.dataset != "",
+            f"dataset must be a name or path, got {self.dataset!r} (--dataset)",
+        )
+        tf = self.test_fraction
+        _check(
+            isinstance(tf, int | float) and 0 < tf < 1,
+            f"test fraction must be in (0, 1), got {tf!r} (--test-fraction)",
+        )
+        _choice(self.sharding, SHARDINGS, "sharding", "--sharding")
+        _positive(self.dirichlet_alpha, "Dirichlet alpha", "--dirichlet-alpha")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The model trained on every node.
+
+    Attributes
+    ----------
+    name : str
+        ``softmax``, ``logistic``, ``least_squares`` or ``mlp``.
+    hidden : tuple of int
+        Hidden layer sizes of the MLP.
+    activation : {"relu", "tanh"}
+        MLP activation.
+    l2 : float
+        L2 penalty on weights (>= 0).
+    dtype : {"float32", "float64"}
+        Dtype of parameters, gradients and deltas.
+    """
+
+    name: str = "softmax"
+    hidden: tuple[int, ...] = (64,)
+    activation: str = "relu"
+    l2: float = 0.0
+    dtype: str = "float64"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hidden", tuple(self.hidden))
+        _check(
+            len(self.hidden) > 0 and all(isinstance(h, int) and h > 0 for h in self.hidden),
+            f"hidden layer sizes must be positive integers, got {list(self.hidden)} (--hidden)",
+        )
+        _positive(self.l2, "l2", "--l2", allow_zero=True)
+        _choice(self.dtype, DTYPES, "dtype", "--dtype")
+        _choice(self.activation, ("relu", "tanh"), "activation", "--activation")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training on each node.
+
+    Attributes
+    ----------
+    optimizer : {"sgd", "momentum", "amsgrad"}
+        Local update rule; its parameter change is what goes into the delta.
+    lr : float
+        Step size eta (> 0).
+    momentum : float
+        Momentum coefficient for ``optimizer="momentum"``, in [0, 1).
+    batch_size : int
+        Mini-batch size M per local step.
+    steps : int or None
+        Local steps per node; if None, derived from ``epochs``.
+    epochs : float
+        Passes over each node's shard (used when ``steps`` is None).
+    send_every : int
+        Local steps per sent delta (b); ALGORITHMS.md §1.
+    seed : int
+        Seed of the split, shards, initial model (the same x_0 on every node)
+        and mini-batch sampling (node i uses ``seed + 1 + i``).
+    """
+
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    batch_size: int = 32
+    steps: int | None = None
+    epochs: float = 10.0
+    send_every: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _choice(self.optimizer, ("sgd", "momentum", "amsgrad"), "optimizer", "--optimizer")
+        _positive(self.lr, "learning rate", "--lr")
+        _check(
+            isinstance(self.momentum, int | float) and 0 <= self.momentum < 1,
+            f"momentum must be in [0, 1), got {self.momentum!r} (--momentum)",
+        )
+        _positive(self.batch_size, "batch size", "--batch-size", integer=True)
+        if self.steps is not None:
+            _positive(self.steps, "steps", "--steps", integer=True)
+        _positive(self.epochs, "epochs", "--epochs")
+        _positive(self.send_every, "send interval", "--send-every", integer=True)
+        _check(
+            isinstance(self.seed, int) and self.seed >= 0,
+            f"seed must be an integer >= 0, got {self.seed!r} (--seed)",
+        )
+
+
+@dataclass(frozen=True)
+class TransportConfig:
+    """Sockets, deadlines and message limits.
+
+    Attributes
+    ----------
+    kind : {"ipc", "tcp"}
+        ``ipc`` (Unix sockets, one machine) or ``tcp``.
+    host : str
+        Interface the tcp inboxes bind.
+    base_port : int
+        Node i binds ``base_port + i``; 0 lets the OS choose free ports.
+    hwm_msgs : int
+        ZeroMQ high-water mark per socket, in messages.
+    max_backlog_msgs : int
+        A node stops taking local steps while more messages than this wait for
+        its neighbours (backpressure); it keeps receiving.
+    send_timeout_s : float
+        A neighbour that accepts nothing for this long is declared dead.
+    ready_timeout_s : float
+        Deadline for all nodes to bind and report ready.
+    drain_timeout_s : float
+        At the end, a node gives up draining after this long without any message.
+    check_finite : bool
+        Reject received deltas that contain NaN or inf.
+    """
+
+    kind: str = "ipc"
+    host: str = "127.0.0.1"
+    base_port: int = 0
+    hwm_msgs: int = 1000
+    max_backlog_msgs: int = 256
+    send_timeout_s: float = 60.0
+    ready_timeout_s: float = 60.0
+    drain_timeout_s: float = 60.0
+    check_finite: bool = True
+
+    def __post_init__(self) -> None:
+        _choice(self.kind, TRANSPORTS, "transport", "--transport")
+        _check(
+            isinstance(self.base_port, int)
+            and (self.base_port == 0 or 1024 <= self.base_port <= 65535),
+            f"base port must be 0 (any free port) or in 1024..65535, got {self.base_port!r} (--base-port)",
+        )
+        _positive(self.hwm_msgs, "high-water mark", "--hwm", integer=True)
+        _positive(self.max_backlog_msgs, "max backlog", "--max-backlog", integer=True)
+        for name in ("send_timeout_s", "ready_timeout_s", "drain_timeout_s"):
+            _positive(getattr(self, name), name, "--" + name.replace("_", "-"))
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a run.
+
+    Attributes
+    ----------
+    n_nodes : int or None
+        Number of nodes; None takes it from a topology file.
+    algorithm : {"dasgd"}
+        The training algorithm.
+    out_dir : str
+        Parent directory of run directories.
+    run_id : str or None
+        Name of the run directory; None makes a timestamped one.
+    log_interval_s : float
+        Seconds between interval records in the node logs (and progress updates).
+    timeout_s : float or None
+        Deadline of the whole run; None for none.
+    """
+
+    n_nodes: int | None = 4
+    algorithm: str = "dasgd"
+    topology: TopologyConfig = field(default_factory=TopologyConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    transport: TransportConfig = field(default_factory=TransportConfig)
+    out_dir: str = "runs"
+    run_id: str | None = None
+    log_interval_s: float = 0.5
+    timeout_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.n_nodes is not None:
+            _positive(self.n_nodes, "number of nodes", "-n/--nodes", integer=True)
+        _choice(self.algorithm, ALGORITHMS, "algorithm", "--algorithm")
+        _positive(self.log_interval_s, "log interval", "--log-interval-s")
+        if self.timeout_s is not None:
+            _positive(self.timeout_s, "timeout", "--timeout-s")
+
+    def replace(self, **changes) -> RunConfig:
+        """A copy with top-level fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = {
+    "topology": TopologyConfig,
+    "data": DataConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "transport": TransportConfig,
+}
+
+
+def _from_dict(cls, values: dict, where: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    _check(
+        not unknown,
+        f"unknown {where} field(s) {', '.join(unknown)}: valid are {', '.join(sorted(names))}",
+    )
+    return cls(**values)
+
+
+def run_config_from_dict(values: dict) -> RunConfig:
+    """Inverse of :meth:`RunConfig.to_dict`.
+
+    Raises
+    ------
+    ConfigError
+        On unknown fields or invalid values.
+    """
+    values = dict(values)
+    for key, cls in _SECTIONS.items():
+        if key in values:
+            values[key] = _from_dict(cls, values[key], key)
+    return _from_dict(RunConfig, values, "run config")

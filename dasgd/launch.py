@@ -1,0 +1,446 @@
+"""Spawning and supervising the node processes of a run on this machine.
+
+:func:`run` is what ``dasgd run`` does: resolve the topology and the data once
+(scikit-learn is imported here, never in nodes), write the run directory, spawn
+one ``python -m dasgd node`` process per node, wait until every node has bound
+its inbox (``ready``, with a deadline), hand out the inbox addresses
+(``start``), show progress, and finally evaluate the final models into
+``summary.json``.
+
+A failing node, a missed deadline or Ctrl-C stops every process: SIGTERM to
+all, one shared deadline, then SIGKILL (as ``torch.distributed.elastic``
+does), and raises :class:`~dasgd.errors.NodeFailed` naming the node, its exit
+code, its last words and its log.
+
+Run directory (``OUT_DIR/RUN_ID/``)::
+
+    config.json            resolved RunConfig (n_nodes filled in)
+    topology.json          the graph, node-link JSON
+    x0.npy                 the common initial model
+    data/meta.json         dataset, classes, shard sizes and class histograms
+    data/shard-<i>-X.npy   node i's training shard (features, labels: -y.npy)
+    data/test-X.npy        the test split (labels: test-y.npy)
+    node-<i>.jsonl         node i's event log
+    node-<i>.stderr        node i's stderr (tracebacks of crashes land here)
+    node-<i>.npy           node i's final model
+    node-<i>.delta_sum.npy the sum of node i's own sealed deltas
+    summary.json           the evaluated summary (see README.md)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import datetime
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import psutil
+import zmq
+
+from .config import RunConfig
+from .errors import ConfigError, NodeFailed
+from .metrics import build_summary
+
+__all__ = ["prepare_run", "run", "stop_processes"]
+
+#: How long stopped nodes get between SIGTERM and SIGKILL.
+TERMINATE_TIMEOUT_S = 5.0
+_PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+def _check_ports_free(host: str, ports: list[int]) -> None:
+    for node, port in enumerate(ports):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError as exc:
+                raise ConfigError(
+                    f"port {port} (node {node}) on {host} is not available ({exc.strerror}): "
+                    f"choose another --base-port, or 0 for any free ports"
+                ) from None
+
+
+def prepare_run(config: RunConfig) -> tuple[RunConfig, Path, dict]:
+    """Resolve the topology and data, validate, and write the run directory.
+
+    Parameters
+    ----------
+    config : RunConfig
+        As given by the user; ``n_nodes`` may be None for a topology file.
+
+    Returns
+    -------
+    config : RunConfig
+        With ``n_nodes`` and ``run_id`` filled in.
+    run_dir : Path
+    context : dict
+        ``graph``, ``dataset``, ``model``, ``x0`` for the summary.
+
+    Raises
+    ------
+    ConfigError
+        (or its subclasses TopologyError, DataError) on any bad value, before
+        anything is spawned; nothing is written then.
+    """
+    from .data import class_histogram, load_dataset, shard_by_label, shard_iid
+    from .models import build_model
+    from .topology import describe_topology, parse_topology, save_topology
+
+    graph = parse_topology(config.topology.spec, config.n_nodes, seed=config.topology.seed)
+    n = graph.number_of_nodes()
+    dc = config.data
+    dataset = load_dataset(
+        dc.dataset,
+        test_fraction=dc.test_fraction,
+        seed=config.train.seed,
+        standardize=dc.standardize,
+    )
+    if n > dataset.n_train:
+        raise ConfigError(
+            f"{n} nodes but only {dataset.n_train} training samples in {dataset.name}: use fewer nodes (-n)"
+        )
+    if dc.sharding == "iid":
+        shards = shard_iid(dataset.n_train, n, seed=config.train.seed)
+    else:
+        shards = shard_by_label(dataset.y_train, n, dc.dirichlet_alpha, seed=config.train.seed)
+    mc = config.model
+    model = build_model(
+        mc.name,
+        dataset.n_features,
+        dataset.n_classes,
+        hidden=mc.hidden,
+        activation=mc.activation,
+        l2=mc.l2,
+    )
+    tc = config.transport
+    if tc.kind == "tcp" and tc.base_port:
+        if tc.base_port + n - 1 > 65535:
+            raise ConfigError(f"base port {tc.base_port} + {n} nodes exceeds 65535 (--base-port)")
+        _check_ports_free(tc.host, [tc.base_port + i for i in range(n)])
+
+    run_id = config.run_id or (
+        f"{datetime.now():%Y%m%d-%H%M%S}-{config.algorithm}-n{n}-{uuid.uuid4().hex[:4]}"
+    )
+    run_dir = Path(config.out_dir) / run_id
+    if run_dir.exists():
+        raise ConfigError(f"run directory {run_dir} already exists: choose another --run-id")
+    config = config.replace(n_nodes=n, run_id=run_id)
+    (run_dir / "data").mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    save_topology(graph, run_dir / "topology.json")
+    x0 = model.init_params(seed=config.train.seed, dtype=np.dtype(mc.dtype))
+    np.save(run_dir / "x0.npy", x0)
+    for i, idx in enumerate(shards):
+        np.save(run_dir / "data" / f"shard-{i}-X.npy", dataset.X_train[idx])
+        np.save(run_dir / "data" / f"shard-{i}-y.npy", dataset.y_train[idx])
+    np.save(run_dir / "data" / "test-X.npy", dataset.X_test)
+    np.save(run_dir / "data" / "test-y.npy", dataset.y_test)
+    meta = {
+        "dataset": dataset.name,
+        "n_features": dataset.n_features,
+        "n_classes": dataset.n_classes,
+        "class_labels": list(dataset.class_labels),
+        "n_train": dataset.n_train,
+        "n_test": dataset.n_test,
+        "sharding": dc.sharding,
+        "shard_sizes": [len(s) for s in shards],
+        "shard_class_histograms": [
+            class_histogram(dataset.y_train[s], dataset.n_classes) for s in shards
+        ],
+        "model": model.describe(),
+        "topology": describe_topology(graph),
+    }
+    (run_dir / "data" / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return (
+        config,
+        run_dir,
+        {"graph": graph, "dataset": dataset, "model": model, "x0": x0, "meta": meta},
+    )
+
+
+def stop_processes(
+    procs: list[subprocess.Popen], timeout_s: float = TERMINATE_TIMEOUT_S
+) -> list[int]:
+    """SIGTERM every live process, wait for all against one deadline, SIGKILL the rest.
+
+    Returns
+    -------
+    list of int
+        Indices of the processes that had to be killed.
+    """
+    alive = []
+    for proc in procs:
+        if proc.poll() is None:
+            try:
+                proc.terminate()
+                alive.append(psutil.Process(proc.pid))
+            except (ProcessLookupError, psutil.NoSuchProcess):
+                pass
+    _, still = psutil.wait_procs(alive, timeout=timeout_s)
+    killed = []
+    for p in still:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            continue
+        killed.append(next(i for i, proc in enumerate(procs) if proc.pid == p.pid))
+    for proc in procs:  # reap: no zombies
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            pass
+    return killed
+
+
+def _last_words(path: Path) -> str:
+    try:
+        lines = [
+            line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()
+        ]
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
+
+
+class _Progress:
+    """tqdm bar over all nodes' steps, with loss and staleness of the latest intervals."""
+
+    def __init__(self, n_nodes: int, total_steps: int, enabled: bool) -> None:
+        self.latest: dict[int, dict] = {}
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=total_steps,
+                unit="step",
+                desc=f"dasgd n={n_nodes}",
+                dynamic_ncols=True,
+                leave=True,
+            )
+
+    def update(self, record: dict) -> None:
+        self.latest[record["node"]] = record
+        if self.bar is None:
+            return
+        steps = sum(r["step"] for r in self.latest.values())
+        self.bar.update(steps - self.bar.n)
+        losses = [r["loss"] for r in self.latest.values() if r.get("loss") is not None]
+        stale = [
+            r["staleness_avg_steps"]
+            for r in self.latest.values()
+            if r.get("staleness_avg_steps") is not None
+        ]
+        lags = [
+            r["lag_avg_steps"] for r in self.latest.values() if r.get("lag_avg_steps") is not None
+        ]
+        postfix = {}
+        if losses:
+            postfix["loss"] = f"{np.mean(losses):.4f}"
+        if stale:
+            postfix["S_avg"] = f"{np.mean(stale):.2f}"
+        if lags:
+            postfix["lag"] = f"{np.mean(lags):.2f}"
+        self.bar.set_postfix(postfix, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _total_steps(config: RunConfig, shard_sizes: list[int]) -> int:
+    from .data import steps_for_epochs
+
+    tc = config.train
+    if tc.steps is not None:
+        return tc.steps * len(shard_sizes)
+    return sum(steps_for_epochs(tc.epochs, m, tc.batch_size) for m in shard_sizes)
+
+
+def run(config: RunConfig, *, progress: bool = True) -> tuple[Path, dict]:
+    """Run DASGD with one process per node on this machine, and summarize it.
+
+    Parameters
+    ----------
+    config : RunConfig
+    progress : bool
+        Show a progress bar on stderr.
+
+    Returns
+    -------
+    run_dir : Path
+    summary : dict
+        The content of ``summary.json``.
+
+    Raises
+    ------
+    ConfigError
+        On bad input, before any process starts.
+    NodeFailed
+        If a node fails, misses the ready deadline or the run times out; every
+        process is stopped first.
+    KeyboardInterrupt
+        After stopping every process.
+    """
+    config, run_dir, context = prepare_run(config)
+    n = config.n_nodes
+    tc = config.transport
+    ipc_dir = tempfile.mkdtemp(prefix="dasgd-")
+    meta_path = run_dir / "data" / "meta.json"
+    meta = context["meta"]
+    meta["ipc_dir"] = ipc_dir
+    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    env = dict(os.environ)
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
+    ctx = zmq.Context()
+    control = ctx.socket(zmq.ROUTER)
+    control.setsockopt(zmq.LINGER, 0)
+    control_address = f"ipc://{ipc_dir}/control"
+    control.bind(control_address)
+    procs: list[subprocess.Popen] = []
+    stderr_files = []
+    bar = _Progress(n, _total_steps(config, meta["shard_sizes"]), progress)
+    errors: dict[int, str] = {}
+    t_start = time.monotonic()
+    try:
+        for i in range(n):
+            err = (run_dir / f"node-{i}.stderr").open("wb")
+            stderr_files.append(err)
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "dasgd",
+                        "node",
+                        "--run-dir",
+                        str(run_dir),
+                        "--node-id",
+                        str(i),
+                        "--control",
+                        control_address,
+                    ],
+                    stdin=subprocess.DEVNULL,
+                    stdout=err,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    start_new_session=True,
+                )
+            )
+
+        def fail(i: int, what: str):
+            reason = errors.get(i) or _last_words(run_dir / f"node-{i}.stderr") or "no message"
+            return NodeFailed(
+                f"node {i} {what}: {reason}; log: {run_dir / f'node-{i}.jsonl'}, stderr: {run_dir / f'node-{i}.stderr'}"
+            )
+
+        def check_children() -> int:
+            running = 0
+            for i, proc in enumerate(procs):
+                rc = proc.poll()
+                if rc is None:
+                    running += 1
+                elif rc != 0:
+                    raise fail(i, f"exited with code {rc}")
+            return running
+
+        def pump(timeout_ms: int, on_message) -> None:
+            if control.poll(timeout_ms):
+                while True:
+                    try:
+                        identity, raw = control.recv_multipart(flags=zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    except ValueError:
+                        continue
+                    try:
+                        message = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+                    except Exception:
+                        continue
+                    if isinstance(message, dict) and isinstance(message.get("node"), int):
+                        if message.get("kind") == "error":
+                            errors[message["node"]] = str(message.get("message"))
+                        on_message(identity, message)
+
+        identities: dict[int, bytes] = {}
+        addresses: dict[int, str] = {}
+
+        def on_ready(identity, message):
+            if message.get("kind") == "ready":
+                identities[message["node"]] = identity
+                addresses[message["node"]] = message["address"]
+
+        deadline = time.monotonic() + tc.ready_timeout_s
+        while len(addresses) < n:
+            pump(100, on_ready)
+            check_children()
+            if time.monotonic() > deadline:
+                missing = sorted(set(range(n)) - set(addresses))
+                raise NodeFailed(
+                    f"node(s) {missing} not ready within {tc.ready_timeout_s:.0f} s (--ready-timeout-s); stderr in {run_dir}"
+                )
+        start = msgpack.packb(
+            {"kind": "start", "addresses": {str(k): v for k, v in addresses.items()}},
+            use_bin_type=True,
+        )
+        for i in range(n):
+            control.send_multipart([identities[i], start])
+
+        def on_message(identity, message):
+            if message.get("kind") == "progress":
+                bar.update(message)
+
+        while check_children():
+            pump(200, on_message)
+            if config.timeout_s is not None and time.monotonic() - t_start > config.timeout_s:
+                raise NodeFailed(
+                    f"run exceeded --timeout-s {config.timeout_s:.0f} s; logs in {run_dir}"
+                )
+        wall_s = time.monotonic() - t_start
+    finally:
+        bar.close()
+        stop_processes(procs)
+        for f in stderr_files:
+            f.close()
+        control.close(linger=0)
+        ctx.term()
+        shutil.rmtree(ipc_dir, ignore_errors=True)
+
+    dataset = context["dataset"]
+    summary = build_summary(
+        run_dir,
+        model=context["model"],
+        X_test=dataset.X_test,
+        y_test=dataset.y_test,
+        n_classes=dataset.n_classes,
+        x0=context["x0"],
+        wall_s=wall_s,
+    )
+    summary["config"] = config.to_dict()
+    summary["dataset"] = {
+        k: meta[k]
+        for k in (
+            "dataset",
+            "n_features",
+            "n_classes",
+            "n_train",
+            "n_test",
+            "sharding",
+            "shard_sizes",
+        )
+    }
+    summary["topology"] = meta["topology"]
+    summary["model"] = meta["model"]
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return run_dir, summary

@@ -1,0 +1,319 @@
+"""Event logs (one JSONL file per node) and the run summary.
+
+Every record is one JSON object on one line with at least ``t_s`` (seconds since
+the node started, monotonic clock), ``node``, ``kind`` and ``step``. Files are
+appended to and flushed every ``flush_interval_s``, never rewritten. Kinds:
+
+- ``start``: the node's neighbours, shard size and total steps;
+- ``interval``: loss, throughput, messages, bytes, staleness and lag over the
+  last interval (fields documented in README.md);
+- ``malformed``: a dropped message and why (the first few of a run);
+- ``drain_timeout``: the node stopped draining before holding every delta;
+- ``final``: totals of the whole run, incl. per-edge and per-origin staleness.
+
+:func:`build_summary` turns a finished run directory into ``summary.json``;
+:func:`format_summary` renders it as the table ``dasgd run`` and ``dasgd
+summary`` print.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["EventLog", "build_summary", "format_summary", "read_events"]
+
+
+class EventLog:
+    """Append-only JSONL log of one node.
+
+    Parameters
+    ----------
+    path : path-like
+        The ``.jsonl`` file (created or appended to).
+    node_id : int
+        Written into every record.
+    flush_interval_s : float
+        Buffered records are written at most this long after they were logged.
+    t0 : float or None
+        ``time.monotonic()`` value that ``t_s`` counts from; default: when opened.
+    """
+
+    def __init__(
+        self, path, node_id: int, *, flush_interval_s: float = 0.5, t0: float | None = None
+    ) -> None:
+        self.path = Path(path)
+        self.node_id = node_id
+        self.flush_interval_s = flush_interval_s
+        self.t0 = t0
+        self._file = None
+        self._buffer: list[str] = []
+        self._last_flush = 0.0
+
+    def open(self) -> EventLog:
+        if self._file is None:
+            self._file = self.path.open("a", encoding="utf-8")
+            if self.t0 is None:
+                self.t0 = time.monotonic()
+            self._last_flush = time.monotonic()
+        return self
+
+    def log(self, kind: str, step: int, **fields) -> dict:
+        """Buffer one record; flush when the interval has passed. Returns the record."""
+        now = time.monotonic()
+        record = {
+            "t_s": round(now - self.t0, 6),
+            "node": self.node_id,
+            "kind": kind,
+            "step": step,
+            **fields,
+        }
+        self._buffer.append(json.dumps(record, allow_nan=False, default=_json_default))
+        if now - self._last_flush >= self.flush_interval_s:
+            self.flush()
+        return record
+
+    def flush(self) -> None:
+        if self._file is None or not self._buffer:
+            return
+        self._file.write("\n".join(self._buffer) + "\n")
+        self._file.flush()
+        self._buffer.clear()
+        self._last_flush = time.monotonic()
+
+    def close(self) -> None:
+        """Flush and close (idempotent)."""
+        if self._file is not None:
+            self.flush()
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> EventLog:
+        return self.open()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _json_default(value):
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return _finite(float(value))
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"cannot log {type(value).__name__}")
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def read_events(path, kind: str | None = None) -> list[dict]:
+    """Records of a node log, optionally only those of one ``kind``.
+
+    A truncated last line (a node killed mid-write) is skipped.
+    """
+    records = []
+    with Path(path).open(encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if kind is None or record.get("kind") == kind:
+                records.append(record)
+    return records
+
+
+def _pooled(stats: list[dict], prefix: str) -> dict:
+    """Pool per-node ``prefix_{avg,max}_steps``/``prefix_count`` into run-level values."""
+    count = sum(s[f"{prefix}_count"] for s in stats)
+    total = sum(
+        s[f"{prefix}_avg_steps"] * s[f"{prefix}_count"] for s in stats if s[f"{prefix}_count"]
+    )
+    maxima = [s[f"{prefix}_max_steps"] for s in stats if s[f"{prefix}_count"]]
+    return {
+        f"{prefix}_avg_steps": total / count if count else None,
+        f"{prefix}_max_steps": max(maxima) if maxima else None,
+        f"{prefix}_count": count,
+    }
+
+
+def build_summary(
+    run_dir,
+    *,
+    model,
+    X_test: np.ndarray,
+    y_test: np.ndarray,
+    n_classes: int,
+    x0: np.ndarray,
+    wall_s: float,
+) -> dict:
+    """Evaluate a finished DASGD run directory and assemble ``summary.json``'s content.
+
+    Parameters
+    ----------
+    run_dir : path-like
+        Holds ``node-<i>.jsonl``, ``node-<i>.npy`` (final model) and
+        ``node-<i>.delta_sum.npy`` (sum of the node's own sealed deltas).
+    model : dasgd.models.Model
+        Evaluates the final models.
+    X_test : ndarray of shape (m, d), float64
+    y_test : ndarray of shape (m,), int64
+    n_classes : int
+    x0 : ndarray of shape (n_params,)
+        The common initial model.
+    wall_s : float
+        Wall time of the run as seen by the launcher, in seconds.
+
+    Returns
+    -------
+    dict
+        ``run`` (whole-run figures), ``nodes`` (one dict per node), ``edges``
+        (staleness per directed edge) and ``checks`` (consensus and exactly-once).
+    """
+    run_dir = Path(run_dir)
+    finals = []
+    n = 0
+    while (run_dir / f"node-{n}.jsonl").exists():
+        recs = read_events(run_dir / f"node-{n}.jsonl", "final")
+        finals.append(recs[-1] if recs else None)
+        n += 1
+    missing = [i for i, f in enumerate(finals) if f is None]
+    if missing:
+        raise FileNotFoundError(f"no final record in the logs of node(s) {missing} in {run_dir}")
+    models = [np.load(run_dir / f"node-{i}.npy") for i in range(n)]
+    delta_sums = [np.load(run_dir / f"node-{i}.delta_sum.npy") for i in range(n)]
+
+    nodes = []
+    for i, (final, params) in enumerate(zip(finals, models, strict=True)):
+        nodes.append(
+            {
+                "node": i,
+                "test_accuracy": model.accuracy(params, X_test, y_test),
+                "test_loss": model.loss(params, X_test, y_test),
+                "steps": final["steps"],
+                "gradients_per_s": final["gradients_per_s"],
+                "train_s": final["train_s"],
+                "drain_s": final["drain_s"],
+                **{
+                    k: final[k] for k in final if k.startswith(("staleness_", "lag_", "loose_lag_"))
+                },
+                "deltas_sealed": final["deltas_sealed"],
+                "deltas_applied": final["deltas_applied"],
+                "duplicates": final["duplicates"],
+                "malformed": final["malformed"],
+                "msgs_in": final["msgs_in"],
+                "msgs_out": final["msgs_out"],
+                "bytes_in": final["bytes_in"],
+                "bytes_out": final["bytes_out"],
+                "drained": final["drained"],
+            }
+        )
+    average = np.mean(models, axis=0)
+    reference = x0 + np.sum(delta_sums, axis=0)
+    scale = max(float(np.linalg.norm(reference)), 1e-300)
+    consensus = max(float(np.linalg.norm(m - average)) for m in models) / scale
+    oracle = max(float(np.linalg.norm(m - reference)) for m in models) / scale
+    sealed = [f["deltas_sealed"] for f in finals]
+    steps = [f["steps"] for f in finals]
+    exactly_once = all(
+        f["applied_deltas_per_origin"][j] == sealed[j] and f["version_vector"][j] == steps[j]
+        for i, f in enumerate(finals)
+        for j in range(n)
+        if j != i
+    )
+    predictions = model.predict(average, X_test)
+    per_class = [
+        float(np.mean(predictions[y_test == c] == c)) if np.any(y_test == c) else None
+        for c in range(n_classes)
+    ]
+    train_s = max(f["train_s"] for f in finals)
+    run = {
+        "n_nodes": n,
+        "test_accuracy_mean": float(np.mean([x["test_accuracy"] for x in nodes])),
+        "test_accuracy_min": float(np.min([x["test_accuracy"] for x in nodes])),
+        "test_loss_mean": float(np.mean([x["test_loss"] for x in nodes])),
+        "average_model_test_accuracy": model.accuracy(average, X_test, y_test),
+        "average_model_test_loss": model.loss(average, X_test, y_test),
+        "average_model_per_class_accuracy": per_class,
+        "steps": int(sum(steps)),
+        "gradients_per_s": sum(steps) / train_s if train_s > 0 else None,
+        "train_s": train_s,
+        "wall_s": wall_s,
+        **_pooled(finals, "staleness"),
+        **_pooled(finals, "lag"),
+        "deltas_sealed": int(sum(sealed)),
+        "deltas_applied": int(sum(f["deltas_applied"] for f in finals)),
+        "duplicates": int(sum(f["duplicates"] for f in finals)),
+        "malformed": int(sum(f["malformed"] for f in finals)),
+        "msgs_out": int(sum(f["msgs_out"] for f in finals)),
+        "bytes_out": int(sum(f["bytes_out"] for f in finals)),
+    }
+    edges = sorted(
+        (edge for f in finals for edge in f["edges"]),
+        key=lambda e: (e["src"], e["dst"]),
+    )
+    checks = {
+        "exactly_once": bool(exactly_once),
+        "all_drained": all(f["drained"] for f in finals),
+        "consensus_distance_rel": consensus,
+        "oracle_distance_rel": oracle,
+    }
+    return {"run": run, "nodes": nodes, "edges": edges, "checks": checks}
+
+
+def _fmt(value, spec: str = ".2f") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return format(value, spec)
+
+
+def format_summary(summary: dict, *, max_edges: int = 32) -> str:
+    """The summary as the plain-text tables printed by ``dasgd run`` / ``dasgd summary``."""
+    header = f"{'node':>5} {'test_acc':>8} {'test_loss':>9} {'steps':>7} {'grad/s':>8} {'S_avg':>6} {'S_max':>6} {'lag_avg':>7} {'lag_max':>7} {'msgs_out':>8} {'MB_out':>8}"
+    lines = [header, "-" * len(header)]
+
+    def row(label, d):
+        return (
+            f"{label:>5} {_fmt(d.get('test_accuracy', d.get('test_accuracy_mean')), '.4f'):>8} "
+            f"{_fmt(d.get('test_loss', d.get('test_loss_mean')), '.4f'):>9} {d['steps']:>7} "
+            f"{_fmt(d['gradients_per_s'], '.0f'):>8} {_fmt(d['staleness_avg_steps']):>6} "
+            f"{_fmt(d['staleness_max_steps'], 'd'):>6} {_fmt(d['lag_avg_steps']):>7} "
+            f"{_fmt(d['lag_max_steps'], 'd'):>7} {d['msgs_out']:>8} {d['bytes_out'] / 1e6:>8.2f}"
+        )
+
+    for node in summary["nodes"]:
+        lines.append(row(str(node["node"]), node))
+    lines.append("-" * len(header))
+    run = summary["run"]
+    lines.append(row("all", run))
+    checks = summary["checks"]
+    lines += [
+        "",
+        f"average model: test accuracy {_fmt(run['average_model_test_accuracy'], '.4f')}, "
+        f"test loss {_fmt(run['average_model_test_loss'], '.4f')}",
+        f"consensus distance (max_i |x_i - mean| / |x|): {checks['consensus_distance_rel']:.2e}; "
+        f"every delta applied exactly once at every node: {'yes' if checks['exactly_once'] else 'NO'}"
+        f"{'' if checks['all_drained'] else ' (drain timed out on some node)'}",
+        f"wall time {run['wall_s']:.1f} s, training {run['train_s']:.1f} s, "
+        f"{run['deltas_sealed']} deltas sealed, {run['duplicates']} duplicates dropped, "
+        f"{run['malformed']} malformed messages",
+    ]
+    edges = summary["edges"]
+    if edges:
+        lines += ["", f"{'edge':>9} {'S_avg':>6} {'S_max':>6} {'lag_avg':>7} {'lag_max':>7}"]
+        for e in edges[:max_edges]:
+            lines.append(
+                f"{e['src']:>4}->{e['dst']:<4} {_fmt(e['staleness_avg_steps']):>6} "
+                f"{_fmt(e['staleness_max_steps'], 'd'):>6} {_fmt(e['lag_avg_steps']):>7} "
+                f"{_fmt(e['lag_max_steps'], 'd'):>7}"
+            )
+        if len(edges) > max_edges:
+            lines.append(f"... {len(edges) - max_edges} more edges in summary.json")
+    return "\n".join(lines)

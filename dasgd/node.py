@@ -1,0 +1,460 @@
+"""The runtime of one DASGD node process: protocol + transport + model + data + metrics.
+
+``python -m dasgd node --run-dir DIR --node-id I --control ADDR`` runs
+:func:`node_main`. The node reads ``config.json``, ``topology.json`` and its
+shard from the run directory, binds its inbox, reports ``ready`` to the
+launcher over the control socket, waits for ``start`` (with the inbox
+addresses of its neighbours), trains, drains, and writes ``node-<i>.npy``,
+``node-<i>.delta_sum.npy`` and the ``final`` record of ``node-<i>.jsonl``.
+
+The loop follows ALGORITHMS.md §1: apply every delta that has arrived (and
+relay it), take one local step, and every ``send_every`` steps send the summed
+parameter change to all neighbours. The arithmetic lives here, on
+preallocated buffers; the bookkeeping lives in :class:`~dasgd.protocol.NodeProtocol`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import zmq
+
+from . import wire
+from .config import RunConfig, run_config_from_dict
+from .data import BatchSampler, steps_for_epochs
+from .errors import DasgdError, TransportError, WireError
+from .metrics import EventLog
+from .models import build_model
+from .optim import build_optimizer
+from .protocol import NodeProtocol, Outgoing
+from .topology import neighbours as topology_neighbours
+from .topology import parse_topology
+from .transport import Transport, inbox_address
+
+__all__ = ["Node", "node_main"]
+
+#: Deltas smaller than this are copied into the message; larger ones are sent
+#: zero-copy from a pool of buffers that are reused once ZeroMQ releases them.
+ZERO_COPY_BYTES = 1 << 16
+#: How many malformed messages a node describes in its log (all are counted).
+MAX_MALFORMED_LOGGED = 20
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived: stop, flush logs, exit non-zero."""
+
+
+class _DeltaBuffers:
+    """The open delta and a pool of sealed ones still referenced by ZeroMQ."""
+
+    def __init__(self, n_params: int, dtype) -> None:
+        self.n_params = n_params
+        self.dtype = dtype
+        self.open = np.zeros(n_params, dtype=dtype)
+        self._in_flight: list[tuple[np.ndarray, zmq.MessageTracker]] = []
+
+    def seal(self, total: np.ndarray) -> object:
+        """Add the open delta to ``total``, return the payload to send, and open a zero delta.
+
+        Small deltas are copied into the message and the open buffer is zeroed in
+        place; large ones are sent zero-copy and a free (or new) buffer becomes
+        the open delta.
+        """
+        sealed = self.open
+        total += sealed
+        if sealed.nbytes < ZERO_COPY_BYTES:
+            payload = sealed.tobytes()
+            sealed.fill(0)
+            return payload
+        frame = zmq.Frame(sealed, track=True)
+        self._in_flight.append((sealed, frame.tracker))
+        self.open = self._free_buffer()
+        return frame
+
+    def _free_buffer(self) -> np.ndarray:
+        for k, (buf, tracker) in enumerate(self._in_flight[:-1]):
+            if tracker.done:
+                del self._in_flight[k]
+                buf.fill(0)
+                return buf
+        return np.zeros(self.n_params, dtype=self.dtype)
+
+
+class Node:
+    """One DASGD node: owns the model vector, drives the protocol and the sockets.
+
+    Parameters
+    ----------
+    config : RunConfig
+        The run's resolved configuration (``n_nodes`` set).
+    node_id : int
+        This node.
+    neighbours : list of int
+        Its neighbours in the topology.
+    X : ndarray of shape (m, d)
+        This node's training shard (features), float64.
+    y : ndarray of shape (m,), int64
+        Its labels.
+    n_classes : int
+        Number of classes of the dataset.
+    run_dir : Path
+        Where the log and the final model are written.
+
+    Notes
+    -----
+    ``send``/``on_progress`` hooks let the runtime run without a launcher in tests.
+    """
+
+    def __init__(
+        self, config: RunConfig, node_id: int, neighbours, X, y, n_classes: int, run_dir
+    ) -> None:
+        self.config = config
+        self.node_id = node_id
+        self.neighbours = sorted(neighbours)
+        self.run_dir = Path(run_dir)
+        mc, tc = config.model, config.train
+        self.dtype = np.dtype(mc.dtype)
+        self.X = np.ascontiguousarray(X, dtype=self.dtype)
+        self.y = np.asarray(y, dtype=np.int64)
+        self.model = build_model(
+            mc.name,
+            self.X.shape[1],
+            n_classes,
+            hidden=mc.hidden,
+            activation=mc.activation,
+            l2=mc.l2,
+        )
+        self.n_params = self.model.n_params
+        self.params = self.model.init_params(seed=tc.seed, dtype=self.dtype)
+        self.delta_sum = np.zeros(self.n_params, dtype=np.float64)
+        self.optimizer = build_optimizer(
+            tc.optimizer, self.n_params, tc.lr, momentum=tc.momentum, dtype=self.dtype
+        )
+        self.sampler = BatchSampler(len(self.y), tc.batch_size, seed=tc.seed + 1 + node_id)
+        self.total_steps = (
+            tc.steps
+            if tc.steps is not None
+            else steps_for_epochs(tc.epochs, len(self.y), tc.batch_size)
+        )
+        self.protocol = NodeProtocol(
+            node_id,
+            self.neighbours,
+            config.n_nodes,
+            tc.send_every,
+            n_params=self.n_params,
+            dtype=mc.dtype,
+        )
+        self.buffers = _DeltaBuffers(self.n_params, self.dtype)
+        self.malformed = 0
+        self.transport: Transport | None = None
+        self.log: EventLog | None = None
+        self.on_progress = None  # callable(dict) or None
+        self.stop_requested = False
+        self._grad = np.empty(self.n_params, dtype=self.dtype)
+        self._loss_sum = 0.0
+        self._loss_count = 0
+        self._interval_t = 0.0
+        self._interval_step = 0
+        self.train_s = 0.0
+        self.drain_s = 0.0
+        self.drained = False
+
+    # -- messages -----------------------------------------------------------
+    def _send(self, out: Outgoing, payload=None) -> None:
+        header = wire.encode_header(out.header)
+        frames = [header] if payload is None else [header, payload]
+        for to in out.to:
+            self.transport.send(to, frames)
+
+    def _seal_and_send(self, out: Outgoing) -> None:
+        self._send(out, self.buffers.seal(self.delta_sum))
+
+    def _handle(self, frames: list) -> None:
+        try:
+            header, delta = wire.decode(
+                frames,
+                self.config.n_nodes,
+                dtype=self.config.model.dtype,
+                n_params=self.n_params,
+                check_finite=self.config.transport.check_finite,
+            )
+            apply, forward = self.protocol.receive(header)
+        except WireError as exc:
+            self.malformed += 1
+            if self.malformed <= MAX_MALFORMED_LOGGED:
+                self.log.log("malformed", self.step, reason=str(exc))
+            return
+        if apply:
+            self.params += delta
+        if forward is not None:
+            self._send(forward, frames[1] if delta is not None else None)
+
+    def _receive_all(self, timeout_s: float = 0.0) -> int:
+        """Handle every message waiting (waiting up to ``timeout_s`` for the first)."""
+        transport = self.transport
+        if timeout_s > 0 and not transport.poll(timeout_s):
+            return 0
+        handled = 0
+        while (frames := transport.recv()) is not None:
+            self._handle(frames)
+            handled += 1
+        return handled
+
+    # -- logging ------------------------------------------------------------
+    @property
+    def step(self) -> int:
+        return int(self.protocol.vv[self.node_id])
+
+    def _interval(self, now: float, phase: str) -> None:
+        dt = now - self._interval_t
+        record = self.log.log(
+            "interval",
+            self.step,
+            phase=phase,
+            epoch=self.sampler.epoch,
+            loss=self._loss_sum / self._loss_count if self._loss_count else None,
+            steps_per_s=(self.step - self._interval_step) / dt if dt > 0 else None,
+            deltas_applied=int(self.protocol.applied_deltas.sum()),
+            duplicates=self.protocol.duplicates,
+            malformed=self.malformed,
+            **self.transport.counters(),
+            **self.protocol.staleness.interval(),
+        )
+        self._loss_sum, self._loss_count = 0.0, 0
+        self._interval_t, self._interval_step = now, self.step
+        if self.on_progress is not None:
+            self.on_progress(record)
+
+    # -- phases -------------------------------------------------------------
+    def train(self) -> None:
+        """Take ``total_steps`` local steps, applying and relaying deltas as they arrive."""
+        tc = self.config.transport
+        log_every_s = self.config.log_interval_s
+        model, optimizer, sampler, protocol, transport = (
+            self.model,
+            self.optimizer,
+            self.sampler,
+            self.protocol,
+            self.transport,
+        )
+        X, y, params, grad = self.X, self.y, self.params, self._grad
+        t_start = time.monotonic()
+        self._interval_t = t_start
+        for _ in range(self.total_steps):
+            if self.stop_requested:
+                raise _Terminated
+            self._receive_all()
+            if transport.backlog_msgs and transport.flush() > tc.max_backlog_msgs:
+                self._wait_backlog()
+            idx = sampler.next_batch()
+            loss, _ = model.loss_and_grad(params, X[idx], y[idx], out=grad)
+            update = optimizer.update(grad)
+            params += update
+            self.buffers.open += update
+            self._loss_sum += loss
+            self._loss_count += 1
+            out = protocol.local_step()
+            if out is not None:
+                self._seal_and_send(out)
+            now = time.monotonic()
+            if now - self._interval_t >= log_every_s:
+                self._interval(now, "train")
+        self.train_s = time.monotonic() - t_start
+
+    def _wait_backlog(self) -> None:
+        """Backpressure: keep receiving until the backlog is short again (or a neighbour is dead)."""
+        tc = self.config.transport
+        while self.transport.flush() > tc.max_backlog_msgs:
+            self.transport.check_stalled(tc.send_timeout_s)
+            self._receive_all(timeout_s=0.005)
+            if self.stop_requested:
+                raise _Terminated
+
+    def drain(self) -> None:
+        """Stop stepping; keep applying and relaying until every node holds every delta.
+
+        Gives up after ``drain_timeout_s`` without any incoming message (logged
+        as ``drain_timeout`` with what is missing).
+        """
+        tc = self.config.transport
+        t_start = time.monotonic()
+        for out in self.protocol.finish():
+            if out.header.kind == "delta":
+                self._seal_and_send(out)
+            else:
+                self._send(out)
+        last_message = time.monotonic()
+        while True:
+            announce = self.protocol.announce_complete()
+            if announce is not None:
+                self._send(announce)
+            if self.protocol.can_stop:
+                self.drained = True
+                break
+            if self.stop_requested:
+                raise _Terminated
+            self.transport.flush()
+            self.transport.check_stalled(tc.send_timeout_s)
+            now = time.monotonic()
+            if self._receive_all(timeout_s=0.01):
+                last_message = now
+            elif now - last_message > tc.drain_timeout_s:
+                self.log.log(
+                    "drain_timeout", self.step, waited_s=now - last_message, **self.protocol.missing
+                )
+                break
+            if now - self._interval_t >= self.config.log_interval_s:
+                self._interval(now, "drain")
+        # let the last messages (our `complete`) leave; neighbours that still need them are alive
+        deadline = time.monotonic() + min(tc.send_timeout_s, 5.0)
+        while self.transport.flush() and time.monotonic() < deadline:
+            self._receive_all(timeout_s=0.005)
+        self.drain_s = time.monotonic() - t_start
+
+    def write_results(self) -> None:
+        """Final model, own-delta sum and the ``final`` log record."""
+        np.save(self.run_dir / f"node-{self.node_id}.npy", self.params)
+        np.save(self.run_dir / f"node-{self.node_id}.delta_sum.npy", self.delta_sum)
+        self.log.log(
+            "final",
+            self.step,
+            train_s=self.train_s,
+            drain_s=self.drain_s,
+            gradients_per_s=self.step / self.train_s if self.train_s > 0 else None,
+            drained=self.drained,
+            malformed=self.malformed,
+            optimizer=self.optimizer.state_dict(),
+            **self.transport.counters(),
+            **self.protocol.summary(),
+        )
+
+
+def _control_send(sock: zmq.Socket, message: dict) -> None:
+    sock.send(msgpack.packb(message, use_bin_type=True))
+
+
+def _control_recv(sock: zmq.Socket, timeout_s: float, *, parent_pid: int, node_id: int) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TransportError(
+                f"node {node_id}: no start from the launcher within {timeout_s:.0f} s"
+            )
+        if sock.poll(min(200, int(remaining * 1000) + 1)):
+            message = msgpack.unpackb(sock.recv(), raw=False, strict_map_key=False)
+            if isinstance(message, dict):
+                return message
+        if os.getppid() != parent_pid:
+            raise TransportError(f"node {node_id}: the launcher is gone")
+
+
+def node_main(run_dir: str, node_id: int, control_address: str) -> int:
+    """Entry point of a node process; returns the exit code.
+
+    Parameters
+    ----------
+    run_dir : str
+        The run directory the launcher prepared.
+    node_id : int
+        Which node this process is.
+    control_address : str
+        The launcher's control socket.
+
+    Returns
+    -------
+    int
+        0 on success, 1 on an error (reported to the launcher and written to
+        stderr), 143 when terminated.
+    """
+    run_dir = Path(run_dir)
+    parent_pid = os.getppid()
+    config = run_config_from_dict(json.loads((run_dir / "config.json").read_text()))
+    ctx = zmq.Context()
+    control = ctx.socket(zmq.DEALER)
+    control.setsockopt(zmq.LINGER, 2000)
+    control.connect(control_address)
+    node = None
+
+    def on_term(signum, frame):
+        if node is not None:
+            node.stop_requested = True
+        else:
+            raise _Terminated
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    try:
+        graph = parse_topology(str(run_dir / "topology.json"), config.n_nodes)
+        neighbours = topology_neighbours(graph, node_id)
+        meta = json.loads((run_dir / "data" / "meta.json").read_text())
+        X = np.load(run_dir / "data" / f"shard-{node_id}-X.npy")
+        y = np.load(run_dir / "data" / f"shard-{node_id}-y.npy")
+        node = Node(config, node_id, neighbours, X, y, meta["n_classes"], run_dir)
+        tc = config.transport
+        bind = inbox_address(
+            tc.kind, node_id, host=tc.host, base_port=tc.base_port, ipc_dir=meta["ipc_dir"]
+        )
+        max_bytes = node.n_params * node.dtype.itemsize + wire.MAX_HEADER_BYTES + 4096
+        node.transport = Transport(node_id, bind, hwm_msgs=tc.hwm_msgs, max_message_bytes=max_bytes)
+        address = node.transport.start()
+        _control_send(
+            control, {"kind": "ready", "node": node_id, "address": address, "pid": os.getpid()}
+        )
+        start = _control_recv(
+            control, tc.ready_timeout_s * 2, parent_pid=parent_pid, node_id=node_id
+        )
+        if start.get("kind") != "start":
+            raise TransportError(
+                f"node {node_id}: expected start from the launcher, got {start.get('kind')!r}"
+            )
+        addresses = {int(k): v for k, v in start["addresses"].items()}
+        node.transport.connect({u: addresses[u] for u in neighbours})
+        with EventLog(
+            run_dir / f"node-{node_id}.jsonl", node_id, flush_interval_s=config.log_interval_s
+        ) as log:
+            node.log = log
+            log.log(
+                "start",
+                0,
+                neighbours=neighbours,
+                shard_size=len(y),
+                total_steps=node.total_steps,
+                n_params=node.n_params,
+                address=address,
+            )
+
+            def progress(record):
+                if os.getppid() != parent_pid:
+                    raise TransportError(f"node {node_id}: the launcher is gone")
+                _control_send(control, {"kind": "progress", **record})
+
+            node.on_progress = progress
+            node.train()
+            node.drain()
+            node.write_results()
+        _control_send(control, {"kind": "done", "node": node_id})
+        return 0
+    except _Terminated:
+        print(f"node {node_id}: terminated", file=sys.stderr)
+        return 143
+    except (DasgdError, OSError, ValueError) as exc:
+        message = f"node {node_id}: {exc}"
+        print(message, file=sys.stderr)
+        try:
+            _control_send(control, {"kind": "error", "node": node_id, "message": str(exc)})
+        except zmq.ZMQError:
+            pass
+        return 1
+    finally:
+        if node is not None and node.transport is not None:
+            node.transport.close(linger_s=1.0)
+        control.close(linger=1000)
+        ctx.term()

@@ -1,0 +1,262 @@
+"""The dasgd message format: a msgpack header frame plus one raw array frame.
+
+Every message between nodes is a ZeroMQ multipart message of one or two frames:
+
+========  ==========================================================================
+frame     content
+========  ==========================================================================
+0         msgpack map, the header (fields below); at most ``MAX_HEADER_BYTES``
+1         only for ``kind == "delta"``: the delta as raw little-endian bytes of
+          ``dtype`` and ``shape`` (C order), sent with ``copy=False``
+========  ==========================================================================
+
+Header fields (all required unless marked):
+
+=============  ========  ===============================================================
+field          type      meaning
+=============  ========  ===============================================================
+``v``          int       wire version, :data:`WIRE_VERSION`
+``kind``       str       ``"delta"``, ``"fin"`` or ``"complete"`` (see below)
+``origin``     int       node whose local steps the message describes (0..n-1)
+``sender``     int       node that put this copy on the wire (a neighbour of the receiver)
+``seq``        int       origin's sequence number of the delta (0, 1, ...); for ``fin``:
+                         the number of deltas the origin sealed in the whole run
+``steps``      int       local steps summed in the delta (>= 1); for ``fin``: the
+                         origin's total local steps in the run
+``base_vv``    bytes     origin's version vector when the delta's window opened,
+                         n little-endian uint32 (``delta`` only, else empty)
+``sender_vv``  bytes     sender's version vector when it sent this copy, n uint32
+``dtype``      str       ``"float32"`` or ``"float64"`` (``delta`` only, else ``""``)
+``shape``      [int]     shape of the array frame (``delta`` only, else ``[]``)
+=============  ========  ===============================================================
+
+Kinds: ``delta`` carries parameter changes and is flooded to every node
+(ALGORITHMS.md §1, step 4); ``fin`` announces that its origin has stopped
+stepping and how many deltas and steps it produced, flooded like a delta;
+``complete`` tells a neighbour that the sender holds every delta of the run
+(only sent to neighbours, never forwarded). Version vectors (ALGORITHMS.md §2)
+count local steps per origin.
+
+Nothing is ever pickled. :func:`decode` validates everything a peer controls and
+raises :class:`~dasgd.errors.WireError` on any problem; the node counts and drops
+such a message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import msgpack
+import numpy as np
+
+from .errors import WireError
+
+WIRE_VERSION = 1
+KINDS = ("delta", "fin", "complete")
+DTYPES = ("float32", "float64")
+MAX_HEADER_BYTES = 1 << 24
+_VV_DTYPE = np.dtype("<u4")
+
+__all__ = [
+    "DTYPES",
+    "KINDS",
+    "WIRE_VERSION",
+    "Header",
+    "decode",
+    "decode_header",
+    "encode_header",
+    "vv_from_bytes",
+    "vv_to_bytes",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """A decoded, validated message header (see the module docstring for fields).
+
+    ``base_vv`` and ``sender_vv`` are int64 arrays of shape (n_nodes,)
+    (``base_vv`` has shape (0,) for kinds other than ``delta``).
+    """
+
+    kind: str
+    origin: int
+    sender: int
+    seq: int
+    steps: int
+    base_vv: np.ndarray
+    sender_vv: np.ndarray
+    dtype: str = ""
+    shape: tuple[int, ...] = ()
+
+    def replace_sender(self, sender: int, sender_vv: np.ndarray) -> Header:
+        """The same message as relayed by ``sender``, whose vector is ``sender_vv``."""
+        return Header(
+            self.kind,
+            self.origin,
+            sender,
+            self.seq,
+            self.steps,
+            self.base_vv,
+            sender_vv,
+            self.dtype,
+            self.shape,
+        )
+
+
+def vv_to_bytes(vv: np.ndarray) -> bytes:
+    """Version vector (n,) of non-negative ints -> n little-endian uint32 bytes."""
+    return np.asarray(vv).astype(_VV_DTYPE, copy=False).tobytes()
+
+
+def vv_from_bytes(raw: bytes, n_nodes: int) -> np.ndarray:
+    """Inverse of :func:`vv_to_bytes`; returns int64 (n_nodes,).
+
+    Raises
+    ------
+    WireError
+        If ``raw`` is not ``4 * n_nodes`` bytes.
+    """
+    if not isinstance(raw, bytes | bytearray) or len(raw) != 4 * n_nodes:
+        got = len(raw) if isinstance(raw, bytes | bytearray) else type(raw).__name__
+        raise WireError(f"version vector has {got} bytes, expected {4 * n_nodes}")
+    return np.frombuffer(raw, dtype=_VV_DTYPE).astype(np.int64)
+
+
+def encode_header(header: Header) -> bytes:
+    """Serialize a header to the msgpack bytes of frame 0."""
+    return msgpack.packb(
+        {
+            "v": WIRE_VERSION,
+            "kind": header.kind,
+            "origin": header.origin,
+            "sender": header.sender,
+            "seq": header.seq,
+            "steps": header.steps,
+            "base_vv": vv_to_bytes(header.base_vv) if header.kind == "delta" else b"",
+            "sender_vv": vv_to_bytes(header.sender_vv),
+            "dtype": header.dtype,
+            "shape": list(header.shape),
+        },
+        use_bin_type=True,
+    )
+
+
+def _int_field(body: dict, key: str, low: int, high: int | None = None) -> int:
+    value = body.get(key)
+    if type(value) is not int or value < low or (high is not None and value > high):
+        bound = f"{low}..{high}" if high is not None else f">= {low}"
+        raise WireError(f"header field {key!r} is {value!r}, expected an int {bound}")
+    return value
+
+
+def decode_header(raw: bytes, n_nodes: int) -> Header:
+    """Parse and validate frame 0.
+
+    Parameters
+    ----------
+    raw : bytes
+        The msgpack header frame.
+    n_nodes : int
+        Number of nodes of the run; bounds node ids and version-vector lengths.
+
+    Returns
+    -------
+    Header
+
+    Raises
+    ------
+    WireError
+        On any malformed field, unknown kind or wrong wire version.
+    """
+    if len(raw) > MAX_HEADER_BYTES:
+        raise WireError(f"header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        body = msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise WireError(f"header is not valid msgpack: {exc}") from None
+    if not isinstance(body, dict):
+        raise WireError(f"header is a {type(body).__name__}, expected a map")
+    if body.get("v") != WIRE_VERSION:
+        raise WireError(f"wire version {body.get('v')!r}, expected {WIRE_VERSION}")
+    kind = body.get("kind")
+    if kind not in KINDS:
+        raise WireError(f"unknown message kind {kind!r}, expected one of {', '.join(KINDS)}")
+    origin = _int_field(body, "origin", 0, n_nodes - 1)
+    sender = _int_field(body, "sender", 0, n_nodes - 1)
+    seq = _int_field(body, "seq", 0)
+    steps = _int_field(body, "steps", 1 if kind == "delta" else 0)
+    sender_vv = vv_from_bytes(body.get("sender_vv"), n_nodes)
+    if kind != "delta":
+        return Header(kind, origin, sender, seq, steps, np.zeros(0, np.int64), sender_vv)
+    base_vv = vv_from_bytes(body.get("base_vv"), n_nodes)
+    dtype = body.get("dtype")
+    if dtype not in DTYPES:
+        raise WireError(f"dtype {dtype!r}, expected one of {', '.join(DTYPES)}")
+    shape = body.get("shape")
+    if not isinstance(shape, list) or len(shape) != 1 or type(shape[0]) is not int or shape[0] < 1:
+        raise WireError(f"shape {shape!r}, expected [n_params] with n_params >= 1")
+    return Header(kind, origin, sender, seq, steps, base_vv, sender_vv, dtype, (shape[0],))
+
+
+def decode(
+    frames: list,
+    n_nodes: int,
+    *,
+    dtype: str,
+    n_params: int,
+    check_finite: bool = True,
+) -> tuple[Header, np.ndarray | None]:
+    """Validate a whole message and view its array frame without copying.
+
+    Parameters
+    ----------
+    frames : list of bytes-like or zmq.Frame
+        The multipart message as received.
+    n_nodes : int
+        Number of nodes of the run.
+    dtype : {"float32", "float64"}
+        The run's parameter dtype; a delta of another dtype is rejected.
+    n_params : int
+        The model's number of parameters; a delta of another shape is rejected.
+    check_finite : bool, default True
+        Reject deltas containing NaN or inf (one extra pass over the data).
+
+    Returns
+    -------
+    header : Header
+    delta : ndarray of shape (n_params,) and the run's dtype, read-only, or None
+        A zero-copy view of frame 1 for ``kind == "delta"``; None otherwise.
+
+    Raises
+    ------
+    WireError
+        If anything about the message is malformed.
+    """
+    if not frames:
+        raise WireError("empty message")
+    header = decode_header(_as_bytes(frames[0]), n_nodes)
+    if header.kind != "delta":
+        if len(frames) != 1:
+            raise WireError(f"{header.kind} message has {len(frames)} frames, expected 1")
+        return header, None
+    if len(frames) != 2:
+        raise WireError(f"delta message has {len(frames)} frames, expected 2")
+    if header.dtype != dtype or header.shape != (n_params,):
+        raise WireError(
+            f"delta of {header.dtype}{list(header.shape)}, expected {dtype}[{n_params}]"
+        )
+    payload = frames[1]
+    buffer = payload.buffer if hasattr(payload, "buffer") else memoryview(payload)
+    expected = n_params * np.dtype(dtype).itemsize
+    if buffer.nbytes != expected:
+        raise WireError(f"delta frame has {buffer.nbytes} bytes, expected {expected}")
+    delta = np.frombuffer(buffer, dtype=np.dtype(dtype).newbyteorder("<"))
+    if check_finite and not np.isfinite(delta).all():
+        raise WireError(f"delta {header.origin}:{header.seq} contains NaN or inf")
+    return header, delta
+
+
+def _as_bytes(frame) -> bytes:
+    if hasattr(frame, "bytes"):
+        return frame.bytes
+    return bytes(frame)
