@@ -194,6 +194,12 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         help="ZeroMQ high-water mark in messages (default: %(default)s)",
     )
     g.add_argument(
+        "--queue-mib",
+        type=float,
+        default=d.transport.queue_bytes / 2**20,
+        help="at most this many MiB of deltas queued per socket; lowers --hwm for large models (default: %(default)s)",
+    )
+    g.add_argument(
         "--max-backlog",
         type=int,
         default=d.transport.max_backlog_msgs,
@@ -313,6 +319,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             host=args.host,
             base_port=args.base_port,
             hwm_msgs=args.hwm,
+            queue_bytes=int(args.queue_mib * 2**20),
             max_backlog_msgs=args.max_backlog,
             send_timeout_s=args.send_timeout_s,
             ready_timeout_s=args.ready_timeout_s,

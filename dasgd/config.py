@@ -186,7 +186,7 @@ class TrainConfig:
     momentum: float = 0.9
     batch_size: int = 32
     steps: int | None = None
-    epochs: float = 10.0
+    epochs: float = 20.0
     send_every: int = 1
     seed: int = 0
 
@@ -221,7 +221,10 @@ class TransportConfig:
     base_port : int
         Node i binds ``base_port + i``; 0 lets the OS choose free ports.
     hwm_msgs : int
-        ZeroMQ high-water mark per socket, in messages.
+        ZeroMQ high-water mark per socket, in messages; nodes lower it so that
+        one link never queues more than ``queue_bytes`` of deltas.
+    queue_bytes : int
+        Bound on the delta bytes one socket queues (see ``hwm_msgs``).
     max_backlog_msgs : int
         A node stops taking local steps while more messages than this wait for
         its neighbours (backpressure); it keeps receiving.
@@ -238,8 +241,9 @@ class TransportConfig:
     kind: str = "ipc"
     host: str = "127.0.0.1"
     base_port: int = 0
-    hwm_msgs: int = 1000
-    max_backlog_msgs: int = 256
+    hwm_msgs: int = 100
+    queue_bytes: int = 64 << 20
+    max_backlog_msgs: int = 32
     send_timeout_s: float = 60.0
     ready_timeout_s: float = 60.0
     drain_timeout_s: float = 60.0
@@ -253,6 +257,7 @@ class TransportConfig:
             f"base port must be 0 (any free port) or in 1024..65535, got {self.base_port!r} (--base-port)",
         )
         _positive(self.hwm_msgs, "high-water mark", "--hwm", integer=True)
+        _positive(self.queue_bytes, "queue bytes", "--queue-mib", integer=True)
         _positive(self.max_backlog_msgs, "max backlog", "--max-backlog", integer=True)
         for name in ("send_timeout_s", "ready_timeout_s", "drain_timeout_s"):
             _positive(getattr(self, name), name, "--" + name.replace("_", "-"))

@@ -336,6 +336,15 @@ class Node:
         )
 
 
+def queue_limit_msgs(tc, message_bytes: int) -> int:
+    """ZeroMQ high-water mark: ``tc.hwm_msgs``, lowered so a socket queues at most ``tc.queue_bytes``.
+
+    Deep queues hide staleness (a delta waits behind hundreds of others) and,
+    for large models, hold gigabytes; at least 2 messages are always allowed.
+    """
+    return max(2, min(tc.hwm_msgs, tc.queue_bytes // message_bytes))
+
+
 def _control_send(sock: zmq.Socket, message: dict) -> None:
     sock.send(msgpack.packb(message, use_bin_type=True))
 
@@ -403,7 +412,12 @@ def node_main(run_dir: str, node_id: int, control_address: str) -> int:
             tc.kind, node_id, host=tc.host, base_port=tc.base_port, ipc_dir=meta["ipc_dir"]
         )
         max_bytes = node.n_params * node.dtype.itemsize + wire.MAX_HEADER_BYTES + 4096
-        node.transport = Transport(node_id, bind, hwm_msgs=tc.hwm_msgs, max_message_bytes=max_bytes)
+        node.transport = Transport(
+            node_id,
+            bind,
+            hwm_msgs=queue_limit_msgs(tc, node.n_params * node.dtype.itemsize),
+            max_message_bytes=max_bytes,
+        )
         address = node.transport.start()
         _control_send(
             control, {"kind": "ready", "node": node_id, "address": address, "pid": os.getpid()}

@@ -44,6 +44,7 @@ such a message.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import msgpack
@@ -219,7 +220,8 @@ def decode(
     n_params : int
         The model's number of parameters; a delta of another shape is rejected.
     check_finite : bool, default True
-        Reject deltas containing NaN or inf (one extra pass over the data).
+        Reject deltas containing NaN or inf (one extra pass over the data; a
+        delta whose finite values overflow when summed is rejected too).
 
     Returns
     -------
@@ -251,7 +253,8 @@ def decode(
     if buffer.nbytes != expected:
         raise WireError(f"delta frame has {buffer.nbytes} bytes, expected {expected}")
     delta = np.frombuffer(buffer, dtype=np.dtype(dtype).newbyteorder("<"))
-    if check_finite and not np.isfinite(delta).all():
+    # one reduction instead of a boolean temporary: NaN or inf anywhere makes the sum non-finite
+    if check_finite and not math.isfinite(float(np.add.reduce(delta, dtype=np.float64))):
         raise WireError(f"delta {header.origin}:{header.seq} contains NaN or inf")
     return header, delta
 
