@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -271,11 +272,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _default_nodes(nodes: int | None, spec: str) -> int | None:
-    from .topology import is_graph_file_spec
+    """``-n`` if given; else None when the spec fixes the size (a file, ``torus:2x4``), else 4."""
+    from .errors import TopologyError
+    from .topology import parse_topology
 
     if nodes is not None:
         return nodes
-    return None if is_graph_file_spec(spec) else 4
+    try:
+        parse_topology(spec, None)
+    except TopologyError:
+        return 4
+    return None
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -398,6 +405,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dasgd: interrupted; every node process was stopped", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `dasgd ... | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

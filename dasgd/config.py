@@ -292,7 +292,7 @@ class RunConfig:
     transport: TransportConfig = field(default_factory=TransportConfig)
     out_dir: str = "runs"
     run_id: str | None = None
-    log_interval_s: float = 0.5
+    log_interval_s: float = 0.25
     timeout_s: float | None = None
 
     def __post_init__(self) -> None:

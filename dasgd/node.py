@@ -267,6 +267,7 @@ class Node:
             if now - self._interval_t >= log_every_s:
                 self._interval(now, "train")
         self.train_s = time.monotonic() - t_start
+        self._interval(time.monotonic(), "train")
 
     def _wait_backlog(self) -> None:
         """Backpressure: keep receiving until the backlog is short again (or a neighbour is dead)."""
@@ -317,6 +318,7 @@ class Node:
         while self.transport.flush() and time.monotonic() < deadline:
             self._receive_all(timeout_s=0.005)
         self.drain_s = time.monotonic() - t_start
+        self._interval(time.monotonic(), "drain")
 
     def write_results(self) -> None:
         """Final model, own-delta sum and the ``final`` log record."""

@@ -1,0 +1,37 @@
+"""Shared fixtures: deadlines instead of sleeps, and no child process outlives a test."""
+
+import os
+import time
+
+import psutil
+import pytest
+
+# node processes and these tests share 2 cores: keep BLAS single-threaded
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+
+def wait_for(condition, timeout_s: float, what: str, interval_s: float = 0.02):
+    """Poll ``condition()`` until it returns a truthy value; fail naming ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_children():
+    """Fail a test that leaves child processes behind (and kill them)."""
+    yield
+    me = psutil.Process()
+    children = [c for c in me.children(recursive=True) if c.status() != psutil.STATUS_ZOMBIE]
+    if children:
+        for c in children:
+            c.kill()
+        psutil.wait_procs(children, timeout=5)
+        pytest.fail(f"test left child processes behind: {[c.pid for c in children]}")

@@ -1,0 +1,165 @@
+"""The dasgd command: bad input gets one line and exit code 2; subcommands print what they promise."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import networkx as nx
+import pytest
+
+from dasgd.cli import build_parser, config_from_args, main
+from dasgd.config import RunConfig
+from dasgd.topology import save_topology
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def files(tmp_path):
+    disconnected = nx.Graph([(0, 1), (2, 3)])
+    save_topology(nx.path_graph(6), tmp_path / "path6.json")
+    (tmp_path / "disconnected.json").write_text(
+        json.dumps(nx.node_link_data(disconnected, edges="edges"))
+    )
+    (tmp_path / "broken.json").write_text("{not json")
+    (tmp_path / "bad.svm").write_text("1 1:0.5 2:oops\n-1 1:0.1\n")
+    return tmp_path
+
+
+def run_main(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+BAD_INPUTS = [
+    (["--topology", "moebius"], "unknown topology 'moebius'"),
+    (["--dataset", "mnist_fashion"], "unknown dataset 'mnist_fashion'"),
+    (["--topology", "{tmp}/missing.json"], "does not exist"),
+    (["--topology", "{tmp}/broken.json"], "broken.json"),
+    (["--topology", "{tmp}/disconnected.json"], "connected"),
+    (["-n", "4", "--topology", "{tmp}/path6.json"], "6 nodes"),
+    (["--dataset", "{tmp}/bad.svm"], "bad.svm"),
+    (["--lr", "-0.1"], "learning rate must be"),
+    (["--batch-size", "-8"], "batch size must be"),
+    (["--batch-size", "0"], "batch size must be"),
+    (["--model", "transformer"], "unknown model 'transformer'"),
+    (["--model", "logistic"], "needs 2 classes"),
+    (["--topology", "hypercube", "-n", "6"], "power-of-two"),
+    (["--send-every", "0"], "send interval"),
+    (["--transport", "udp"], "unknown transport 'udp'"),
+    (["-n", "0"], "number of nodes"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_INPUTS)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(files, capsys, args, message):
+    args = [a.replace("{tmp}", str(files)) for a in args]
+    out_dir = files / "runs"
+    code, out, err = run_main(capsys, "run", "-q", "--out-dir", str(out_dir), *args)
+    assert code == 2
+    assert err.startswith("dasgd: error: ") and err.count("\n") == 1, err
+    assert message in err
+    assert "Traceback" not in err
+    assert not out_dir.exists() or not any(out_dir.iterdir())
+
+
+def test_port_in_use_is_a_user_error(tmp_path, capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        base = port - 1  # node 1 collides
+        code, _, err = run_main(
+            capsys,
+            "run",
+            "-q",
+            "--transport",
+            "tcp",
+            "--base-port",
+            str(base),
+            "--out-dir",
+            str(tmp_path),
+        )
+    if base < 1024:
+        pytest.skip("ephemeral port too low for this check")
+    assert code == 2
+    assert f"port {port} (node 1)" in err and "--base-port" in err
+
+
+def test_real_command_exit_code_and_no_traceback(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-m", "dasgd", "run", "--topology", "nope", "--out-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("dasgd: error: unknown topology 'nope'")
+    assert "Traceback" not in proc.stderr
+
+
+def test_argparse_type_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--lr", "fast"])
+    assert exc.value.code == 2
+
+
+def test_defaults_are_the_documented_run():
+    config = config_from_args(build_parser().parse_args(["run"]))
+    assert config == RunConfig()
+    assert (config.n_nodes, config.topology.spec, config.data.dataset, config.model.name) == (
+        4,
+        "ring",
+        "digits",
+        "softmax",
+    )
+
+
+def test_topology_file_takes_its_node_count(files):
+    config = config_from_args(
+        build_parser().parse_args(["run", "--topology", str(files / "path6.json")])
+    )
+    assert config.n_nodes is None  # resolved from the file by the launcher
+
+
+def test_topology_command(capsys):
+    code, out, _ = run_main(capsys, "topology", "torus:2x4")
+    assert code == 0
+    for key in ("n_nodes", "n_edges", "degree_min", "diameter", "spectral_gap"):
+        assert key in out
+    code, out, _ = run_main(capsys, "topology", "hypercube", "-n", "8", "--json")
+    desc = json.loads(out)
+    assert desc["n_nodes"] == 8 and desc["n_edges"] == 12 and desc["diameter"] == 3
+
+
+def test_summary_of_missing_run_is_a_user_error(tmp_path, capsys):
+    code, _, err = run_main(capsys, "summary", str(tmp_path / "nope"))
+    assert code == 2 and "summary.json" in err
+
+
+@pytest.mark.multiprocess
+def test_run_then_summary_prints_the_same_table(tmp_path, capsys):
+    code, out, _ = run_main(
+        capsys, "run", "-q", "-n", "2", "--steps", "30", "--out-dir", str(tmp_path), "--run-id", "x"
+    )
+    assert code == 0
+    assert "every delta applied exactly once at every node: yes" in out
+    code, again, _ = run_main(capsys, "summary", str(tmp_path / "x"))
+    assert code == 0
+    table = out.split("\nrun directory:")[0]
+    assert again.strip() == table.strip()
+
+
+def test_sized_spec_sets_the_node_count():
+    config = config_from_args(build_parser().parse_args(["run", "--topology", "torus:2x4"]))
+    assert config.n_nodes is None  # 8, from the spec
+    config = config_from_args(
+        build_parser().parse_args(["run", "--topology", "torus:2x4", "-n", "6"])
+    )
+    assert config.n_nodes == 6  # and the launcher reports the mismatch
