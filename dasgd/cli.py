@@ -23,6 +23,7 @@ from pathlib import Path
 from .config import (
     ALGORITHMS,
     DataConfig,
+    EmulationConfig,
     ModelConfig,
     RunConfig,
     TopologyConfig,
@@ -173,6 +174,35 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         help="seed of split, shards, x0 and batches (default: %(default)s)",
     )
 
+    g.add_argument(
+        "--server-optimizer",
+        default=d.train.server_optimizer,
+        help="parameter-server update rule for ps-async/ps-sync: sgd or amsgrad (default: %(default)s)",
+    )
+    g.add_argument(
+        "--delay-rule",
+        default=d.train.delay_rule,
+        help="delay-adaptive step for delays above --delay-concurrency: none, inverse (lr/tau) or drop (default: %(default)s)",
+    )
+    g.add_argument(
+        "--delay-concurrency",
+        type=int,
+        default=None,
+        help="tau_C of the delay rule (default: the number of nodes)",
+    )
+
+    g = p.add_argument_group("emulated asynchrony")
+    g.add_argument(
+        "--slowdown",
+        default="",
+        help="stragglers: NODE:FACTOR,... (e.g. 2:4) or random:SEED[:ALPHA] (heavy-tailed) (default: none)",
+    )
+    g.add_argument(
+        "--latency",
+        default="",
+        help="one-way link delay in seconds: SECONDS for all links, or [SECONDS,]U-V:SECONDS,... (default: none)",
+    )
+
     g = p.add_argument_group("transport")
     g.add_argument(
         "--transport",
@@ -238,6 +268,12 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--timeout-s", type=float, default=None, help="deadline of the whole run (default: none)"
+    )
+    g.add_argument(
+        "--eval-interval-s",
+        type=float,
+        default=d.eval_interval_s,
+        help="seconds between test-set evaluations in the logs; 0 = never (default: %(default)s)",
     )
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
@@ -319,8 +355,12 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             steps=args.steps,
             epochs=args.epochs,
             send_every=args.send_every,
+            server_optimizer=args.server_optimizer,
+            delay_rule=args.delay_rule,
+            delay_concurrency=args.delay_concurrency,
             seed=args.seed,
         ),
+        emulation=EmulationConfig(slowdown=args.slowdown, latency=args.latency),
         transport=TransportConfig(
             kind=args.transport,
             host=args.host,
@@ -335,6 +375,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         out_dir=args.out_dir,
         run_id=args.run_id,
         log_interval_s=args.log_interval_s,
+        eval_interval_s=args.eval_interval_s or None,
         timeout_s=args.timeout_s,
     )
 

@@ -15,10 +15,12 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from .emulation import parse_latency, parse_slowdown
 from .errors import ConfigError
 
 __all__ = [
     "ALGORITHMS",
+    "EmulationConfig",
     "DataConfig",
     "ModelConfig",
     "RunConfig",
@@ -28,7 +30,9 @@ __all__ = [
     "run_config_from_dict",
 ]
 
-ALGORITHMS = ("dasgd",)
+ALGORITHMS = ("dasgd", "ps-async", "ps-sync")
+SERVER_OPTIMIZERS = ("sgd", "amsgrad")
+DELAY_RULES = ("none", "inverse", "drop")
 TRANSPORTS = ("ipc", "tcp")
 DTYPES = ("float32", "float64")
 SHARDINGS = ("iid", "label")
@@ -176,6 +180,17 @@ class TrainConfig:
         Passes over each node's shard (used when ``steps`` is None).
     send_every : int
         Local steps per sent delta (b); ALGORITHMS.md §1.
+    server_optimizer : {"sgd", "amsgrad"}
+        Update rule of the parameter server (ps-async, ps-sync): SGD, or
+        AMSGrad as in APAM (Xu et al., arXiv 2002.09095, Algorithm 1).
+    delay_rule : {"none", "inverse", "drop"}
+        Delay-adaptive step size (Koloskova et al. 2022, Eq. (11)): for a delay
+        tau above ``delay_concurrency``, step lr/tau ("inverse") or drop ("drop").
+        ps-async applies it to gradients by their delay tau; DASGD scales a
+        received delta by its apply staleness (an extension the papers do not
+        analyse; nodes' models then differ).
+    delay_concurrency : int or None
+        tau_C of the rule; None = the number of nodes (workers).
     seed : int
         Seed of the split, shards, initial model (the same x_0 on every node)
         and mini-batch sampling (node i uses ``seed + 1 + i``).
@@ -188,6 +203,9 @@ class TrainConfig:
     steps: int | None = None
     epochs: float = 20.0
     send_every: int = 1
+    server_optimizer: str = "sgd"
+    delay_rule: str = "none"
+    delay_concurrency: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -202,6 +220,12 @@ class TrainConfig:
             _positive(self.steps, "steps", "--steps", integer=True)
         _positive(self.epochs, "epochs", "--epochs")
         _positive(self.send_every, "send interval", "--send-every", integer=True)
+        _choice(self.server_optimizer, SERVER_OPTIMIZERS, "server optimizer", "--server-optimizer")
+        _choice(self.delay_rule, DELAY_RULES, "delay rule", "--delay-rule")
+        if self.delay_concurrency is not None:
+            _positive(
+                self.delay_concurrency, "delay concurrency", "--delay-concurrency", integer=True
+            )
         _check(
             isinstance(self.seed, int) and self.seed >= 0,
             f"seed must be an integer >= 0, got {self.seed!r} (--seed)",
@@ -264,6 +288,26 @@ class TransportConfig:
 
 
 @dataclass(frozen=True)
+class EmulationConfig:
+    """Emulated stragglers and link latency (see :mod:`dasgd.emulation`).
+
+    Attributes
+    ----------
+    slowdown : str
+        ``""``, ``"NODE:FACTOR,..."`` (e.g. ``"2:4"``) or ``"random:SEED[:ALPHA]"``.
+    latency : str
+        ``""``, ``"SECONDS"`` or ``"[SECONDS,]U-V:SECONDS,..."`` one-way per link.
+    """
+
+    slowdown: str = ""
+    latency: str = ""
+
+    def __post_init__(self) -> None:
+        parse_slowdown(self.slowdown)
+        parse_latency(self.latency)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything that defines a run.
 
@@ -271,14 +315,19 @@ class RunConfig:
     ----------
     n_nodes : int or None
         Number of nodes; None takes it from a topology file.
-    algorithm : {"dasgd"}
-        The training algorithm.
+    algorithm : {"dasgd", "ps-async", "ps-sync"}
+        Decentralized ASGD, or the centralized baselines: asynchronous SGD with
+        a parameter server (Koloskova et al. 2022, Algorithm 1) and synchronous
+        mini-batch SGD; for those ``n_nodes`` is the number of workers.
     out_dir : str
         Parent directory of run directories.
     run_id : str or None
         Name of the run directory; None makes a timestamped one.
     log_interval_s : float
         Seconds between interval records in the node logs (and progress updates).
+    eval_interval_s : float or None
+        Seconds between evaluations of a node's model on the test split (logged
+        as ``eval`` records, for loss-against-time curves); None: never.
     timeout_s : float or None
         Deadline of the whole run; None for none.
     """
@@ -290,9 +339,11 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
+    emulation: EmulationConfig = field(default_factory=EmulationConfig)
     out_dir: str = "runs"
     run_id: str | None = None
     log_interval_s: float = 0.25
+    eval_interval_s: float | None = 1.0
     timeout_s: float | None = None
 
     def __post_init__(self) -> None:
@@ -300,6 +351,8 @@ class RunConfig:
             _positive(self.n_nodes, "number of nodes", "-n/--nodes", integer=True)
         _choice(self.algorithm, ALGORITHMS, "algorithm", "--algorithm")
         _positive(self.log_interval_s, "log interval", "--log-interval-s")
+        if self.eval_interval_s is not None:
+            _positive(self.eval_interval_s, "eval interval", "--eval-interval-s")
         if self.timeout_s is not None:
             _positive(self.timeout_s, "timeout", "--timeout-s")
 
@@ -318,6 +371,7 @@ _SECTIONS = {
     "model": ModelConfig,
     "train": TrainConfig,
     "transport": TransportConfig,
+    "emulation": EmulationConfig,
 }
 
 

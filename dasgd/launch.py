@@ -42,13 +42,15 @@ from datetime import datetime
 from pathlib import Path
 
 import msgpack
+import networkx as nx
 import numpy as np
 import psutil
 import zmq
 
 from .config import RunConfig
 from .errors import ConfigError, NodeFailed
-from .metrics import build_summary
+from .metrics import build_ps_summary, build_summary
+from .node import log_name
 
 __all__ = ["prepare_run", "run", "stop_processes"]
 
@@ -92,11 +94,17 @@ def prepare_run(config: RunConfig) -> tuple[RunConfig, Path, dict]:
         anything is spawned; nothing is written then.
     """
     from .data import class_histogram, load_dataset, shard_by_label, shard_iid
+    from .emulation import resolve_latency, resolve_slowdown
     from .models import build_model
     from .topology import describe_topology, parse_topology, save_topology
 
-    graph = parse_topology(config.topology.spec, config.n_nodes, seed=config.topology.seed)
-    n = graph.number_of_nodes()
+    ps = config.algorithm != "dasgd"
+    if ps:  # workers 0..n-1 around the server n; --topology does not apply
+        n = config.n_nodes if config.n_nodes is not None else 4
+        graph = nx.relabel_nodes(parse_topology("star", n + 1), {0: n, n: 0})
+    else:
+        graph = parse_topology(config.topology.spec, config.n_nodes, seed=config.topology.seed)
+        n = graph.number_of_nodes()
     dc = config.data
     dataset = load_dataset(
         dc.dataset,
@@ -125,7 +133,7 @@ def prepare_run(config: RunConfig) -> tuple[RunConfig, Path, dict]:
     if tc.kind == "tcp" and tc.base_port:
         if tc.base_port + n - 1 > 65535:
             raise ConfigError(f"base port {tc.base_port} + {n} nodes exceeds 65535 (--base-port)")
-        _check_ports_free(tc.host, [tc.base_port + i for i in range(n)])
+        _check_ports_free(tc.host, [tc.base_port + i for i in range(n + ps)])
 
     run_id = config.run_id or (
         f"{datetime.now():%Y%m%d-%H%M%S}-{config.algorithm}-n{n}-{uuid.uuid4().hex[:4]}"
@@ -157,7 +165,18 @@ def prepare_run(config: RunConfig) -> tuple[RunConfig, Path, dict]:
             class_histogram(dataset.y_train[s], dataset.n_classes) for s in shards
         ],
         "model": model.describe(),
-        "topology": describe_topology(graph),
+        "topology": {"parameter_server": n, "n_workers": n} if ps else describe_topology(graph),
+        "emulation": {
+            "slowdown": config.emulation.slowdown,
+            "slowdown_factors": resolve_slowdown(config.emulation.slowdown, n),
+            "latency": config.emulation.latency,
+            "latency_s": {
+                f"{u}-{v}": d
+                for (u, v), d in sorted(
+                    resolve_latency(config.emulation.latency, graph.edges).items()
+                )
+            },
+        },
     }
     (run_dir / "data" / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return (
@@ -212,45 +231,57 @@ def _last_words(path: Path) -> str:
 
 
 class _Progress:
-    """tqdm bar over all nodes' steps, with loss and staleness of the latest intervals."""
+    """tqdm bar over the steps (gradients) of all nodes or workers, with loss and staleness.
 
-    def __init__(self, n_nodes: int, total_steps: int, enabled: bool) -> None:
+    Parameters
+    ----------
+    n_nodes : int
+        Nodes (DASGD) or workers (PS).
+    total_steps : int
+        Steps of all nodes together.
+    enabled : bool
+        False: no bar (records are still kept).
+    server_id : int or None
+        Node id of the parameter server, whose records carry tau instead of steps.
+    """
+
+    def __init__(
+        self, n_nodes: int, total_steps: int, enabled: bool, server_id: int | None = None
+    ) -> None:
         self.latest: dict[int, dict] = {}
+        self.server: dict = {}
+        self.server_id = server_id
         self.bar = None
         if enabled:
             from tqdm import tqdm
 
             self.bar = tqdm(
-                total=total_steps,
-                unit="step",
-                desc=f"dasgd n={n_nodes}",
-                dynamic_ncols=True,
-                leave=True,
+                total=total_steps, unit="step", desc=f"n={n_nodes}", dynamic_ncols=True, leave=True
             )
 
     def update(self, record: dict) -> None:
-        self.latest[record["node"]] = record
+        if record["node"] == self.server_id:
+            self.server = record
+        else:
+            self.latest[record["node"]] = record
         if self.bar is None:
             return
-        steps = sum(r["step"] for r in self.latest.values())
-        self.bar.update(steps - self.bar.n)
-        losses = [r["loss"] for r in self.latest.values() if r.get("loss") is not None]
-        stale = [
-            r["staleness_avg_steps"]
-            for r in self.latest.values()
-            if r.get("staleness_avg_steps") is not None
-        ]
-        lags = [
-            r["lag_avg_steps"] for r in self.latest.values() if r.get("lag_avg_steps") is not None
-        ]
-        postfix = {}
-        if losses:
-            postfix["loss"] = f"{np.mean(losses):.4f}"
-        if stale:
-            postfix["S_avg"] = f"{np.mean(stale):.2f}"
-        if lags:
-            postfix["lag"] = f"{np.mean(lags):.2f}"
-        self.bar.set_postfix(postfix, refresh=False)
+        self.bar.update(sum(r["step"] for r in self.latest.values()) - self.bar.n)
+
+        def mean(key):
+            values = [r[key] for r in self.latest.values() if r.get(key) is not None]
+            return np.mean(values) if values else None
+
+        postfix = {
+            "loss": mean("loss"),
+            "S_avg": mean("staleness_avg_steps"),
+            "lag": mean("lag_avg_steps"),
+        }
+        if self.server_id is not None:
+            postfix = {"loss": postfix["loss"], "tau_avg": self.server.get("tau_avg_steps")}
+        self.bar.set_postfix(
+            {k: f"{v:.3g}" for k, v in postfix.items() if v is not None}, refresh=False
+        )
 
     def close(self) -> None:
         if self.bar is not None:
@@ -267,7 +298,7 @@ def _total_steps(config: RunConfig, shard_sizes: list[int]) -> int:
 
 
 def run(config: RunConfig, *, progress: bool = True) -> tuple[Path, dict]:
-    """Run DASGD with one process per node on this machine, and summarize it.
+    """Run DASGD (one process per node) or a PS baseline (workers + server) here, and summarize it.
 
     Parameters
     ----------
@@ -293,6 +324,8 @@ def run(config: RunConfig, *, progress: bool = True) -> tuple[Path, dict]:
     """
     config, run_dir, context = prepare_run(config)
     n = config.n_nodes
+    n_procs = n + (config.algorithm != "dasgd")  # the parameter server is process n
+    names = [log_name(config, i) for i in range(n_procs)]
     tc = config.transport
     ipc_dir = tempfile.mkdtemp(prefix="dasgd-")
     meta_path = run_dir / "data" / "meta.json"
@@ -310,12 +343,14 @@ def run(config: RunConfig, *, progress: bool = True) -> tuple[Path, dict]:
     control.bind(control_address)
     procs: list[subprocess.Popen] = []
     stderr_files = []
-    bar = _Progress(n, _total_steps(config, meta["shard_sizes"]), progress)
+    bar = _Progress(
+        n, _total_steps(config, meta["shard_sizes"]), progress, server_id=n if n_procs > n else None
+    )
     errors: dict[int, str] = {}
     t_start = time.monotonic()
     try:
-        for i in range(n):
-            err = (run_dir / f"node-{i}.stderr").open("wb")
+        for i in range(n_procs):
+            err = (run_dir / f"{names[i]}.stderr").open("wb")
             stderr_files.append(err)
             procs.append(
                 subprocess.Popen(
@@ -340,9 +375,11 @@ def run(config: RunConfig, *, progress: bool = True) -> tuple[Path, dict]:
             )
 
         def fail(i: int, what: str):
-            reason = errors.get(i) or _last_words(run_dir / f"node-{i}.stderr") or "no message"
+            who = "the parameter server" if names[i] == "server" else f"node {i}"
+            reason = errors.get(i) or _last_words(run_dir / f"{names[i]}.stderr") or "no message"
             return NodeFailed(
-                f"node {i} {what}: {reason}; log: {run_dir / f'node-{i}.jsonl'}, stderr: {run_dir / f'node-{i}.stderr'}"
+                f"{who} {what}: {reason}; log: {run_dir / f'{names[i]}.jsonl'}, "
+                f"stderr: {run_dir / f'{names[i]}.stderr'}"
             )
 
         def check_children() -> int:
@@ -382,11 +419,11 @@ def run(config: RunConfig, *, progress: bool = True) -> tuple[Path, dict]:
                 addresses[message["node"]] = message["address"]
 
         deadline = time.monotonic() + tc.ready_timeout_s
-        while len(addresses) < n:
+        while len(addresses) < n_procs:
             pump(100, on_ready)
             check_children()
             if time.monotonic() > deadline:
-                missing = sorted(set(range(n)) - set(addresses))
+                missing = sorted(set(range(n_procs)) - set(addresses))
                 raise NodeFailed(
                     f"node(s) {missing} not ready within {tc.ready_timeout_s:.0f} s (--ready-timeout-s); stderr in {run_dir}"
                 )
@@ -394,7 +431,7 @@ def run(config: RunConfig, *, progress: bool = True) -> tuple[Path, dict]:
             {"kind": "start", "addresses": {str(k): v for k, v in addresses.items()}},
             use_bin_type=True,
         )
-        for i in range(n):
+        for i in range(n_procs):
             control.send_multipart([identities[i], start])
 
         def on_message(identity, message):
@@ -418,7 +455,8 @@ def run(config: RunConfig, *, progress: bool = True) -> tuple[Path, dict]:
         shutil.rmtree(ipc_dir, ignore_errors=True)
 
     dataset = context["dataset"]
-    summary = build_summary(
+    summarize = build_summary if config.algorithm == "dasgd" else build_ps_summary
+    summary = summarize(
         run_dir,
         model=context["model"],
         X_test=dataset.X_test,
@@ -427,6 +465,7 @@ def run(config: RunConfig, *, progress: bool = True) -> tuple[Path, dict]:
         x0=context["x0"],
         wall_s=wall_s,
     )
+    summary["run"]["algorithm"] = config.algorithm
     summary["config"] = config.to_dict()
     summary["dataset"] = {
         k: meta[k]
@@ -442,5 +481,6 @@ def run(config: RunConfig, *, progress: bool = True) -> tuple[Path, dict]:
     }
     summary["topology"] = meta["topology"]
     summary["model"] = meta["model"]
+    summary["emulation"] = meta["emulation"]
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return run_dir, summary

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["EventLog", "build_summary", "format_summary", "read_events"]
+__all__ = ["EventLog", "build_ps_summary", "build_summary", "format_summary", "read_events"]
 
 
 class EventLog:
@@ -268,6 +268,111 @@ def build_summary(
     return {"run": run, "nodes": nodes, "edges": edges, "checks": checks}
 
 
+def build_ps_summary(
+    run_dir,
+    *,
+    model,
+    X_test: np.ndarray,
+    y_test: np.ndarray,
+    n_classes: int,
+    x0: np.ndarray,
+    wall_s: float,
+) -> dict:
+    """Evaluate a finished parameter-server run (ps-async, ps-sync) into ``summary.json``'s content.
+
+    Parameters are those of :func:`build_summary`; the run directory holds
+    ``server.jsonl``/``server.npy`` and one ``node-<i>.jsonl`` per worker.
+
+    Returns
+    -------
+    dict
+        ``run`` (the server's model and tau_avg/tau_max, Koloskova et al. 2022
+        Definition 4 with in-flight gradients counted), ``nodes`` (one dict per
+        worker, with the delays of its gradients), ``edges`` (empty) and ``checks``.
+    """
+    run_dir = Path(run_dir)
+    server = read_events(run_dir / "server.jsonl", "final")
+    if not server:
+        raise FileNotFoundError(f"no final record in {run_dir / 'server.jsonl'}")
+    server = server[-1]
+    workers = []
+    while (run_dir / f"node-{len(workers)}.jsonl").exists():
+        recs = read_events(run_dir / f"node-{len(workers)}.jsonl", "final")
+        if not recs:
+            raise FileNotFoundError(
+                f"no final record in the log of worker {len(workers)} in {run_dir}"
+            )
+        workers.append(recs[-1])
+    x = np.load(run_dir / "server.npy")
+    nodes = []
+    for i, (w, delays) in enumerate(zip(workers, server["workers"], strict=True)):
+        nodes.append(
+            {
+                "node": i,
+                "test_accuracy": None,
+                "test_loss": None,
+                "steps": w["gradients"],
+                "gradients_applied": server["gradients_per_worker"][i],
+                "gradients_per_s": w["gradients_per_s"],
+                "train_s": w["train_s"],
+                "wait_s": w["wait_s"],
+                **{k: delays[k] for k in ("tau_avg_steps", "tau_max_steps", "tau_count")},
+                "malformed": w["malformed"],
+                "msgs_in": w["msgs_in"],
+                "msgs_out": w["msgs_out"],
+                "bytes_in": w["bytes_in"],
+                "bytes_out": w["bytes_out"],
+                "slowdown_factor": w["slowdown_factor"],
+            }
+        )
+    predictions = model.predict(x, X_test)
+    per_class = [
+        float(np.mean(predictions[y_test == c] == c)) if np.any(y_test == c) else None
+        for c in range(n_classes)
+    ]
+    accuracy = model.accuracy(x, X_test, y_test)
+    loss = model.loss(x, X_test, y_test)
+    run = {
+        "n_nodes": len(workers),
+        "test_accuracy_mean": accuracy,
+        "test_loss_mean": loss,
+        "average_model_test_accuracy": accuracy,
+        "average_model_test_loss": loss,
+        "average_model_per_class_accuracy": per_class,
+        "steps": server["gradients_received"],
+        "updates_applied": server["updates_applied"],
+        "gradients_dropped": server["gradients_dropped"],
+        "gradients_per_s": server["gradients_received"] / server["train_s"]
+        if server["train_s"] > 0
+        else None,
+        "train_s": server["train_s"],
+        "wall_s": wall_s,
+        **{
+            k: server[k]
+            for k in (
+                "tau_avg_steps",
+                "tau_max_steps",
+                "tau_count",
+                "tau_applied_avg_steps",
+                "tau_in_flight_steps",
+            )
+        },
+        "malformed": int(server["malformed"] + sum(w["malformed"] for w in workers)),
+        "msgs_out": int(server["msgs_out"] + sum(w["msgs_out"] for w in workers)),
+        "bytes_out": int(server["bytes_out"] + sum(w["bytes_out"] for w in workers)),
+        "server_optimizer": server["optimizer"],
+        "delay_rule": server["delay_rule"],
+        "delay_concurrency": server["delay_concurrency"],
+    }
+    checks = {
+        "budget_used": server["gradients_received"] >= server["budget"],
+        "distance_from_x0_rel": float(
+            np.linalg.norm(x - x0) / max(float(np.linalg.norm(x0)), 1e-300)
+        ),
+    }
+    return {"run": run, "nodes": nodes, "edges": [], "checks": checks}
+
+
 def _fmt(value, spec: str = ".2f") -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "-"
@@ -275,25 +380,48 @@ def _fmt(value, spec: str = ".2f") -> str:
 
 
 def format_summary(summary: dict, *, max_edges: int = 32) -> str:
-    """The summary as the plain-text tables printed by ``dasgd run`` / ``dasgd summary``."""
-    header = f"{'node':>5} {'test_acc':>8} {'test_loss':>9} {'steps':>7} {'grad/s':>8} {'S_avg':>6} {'S_max':>6} {'lag_avg':>7} {'lag_max':>7} {'msgs_out':>8} {'MB_out':>8}"
-    lines = [header, "-" * len(header)]
+    """The summary as the plain-text tables printed by ``dasgd run`` / ``dasgd summary``.
 
-    def row(label, d):
+    DASGD runs show apply staleness (S) per node; parameter-server runs show
+    the delay tau of each worker's gradients in the same columns.
+    """
+    run = summary["run"]
+    algorithm = run.get("algorithm", "dasgd")
+    ps = algorithm != "dasgd"
+    key, label = ("tau", "tau") if ps else ("staleness", "S")
+    header = (
+        f"{'worker' if ps else 'node':>6} {'test_acc':>8} {'test_loss':>9} {'steps':>7} {'grad/s':>8} "
+        f"{label + '_avg':>7} {label + '_max':>7} {'lag_avg':>7} {'lag_max':>7} {'msgs_out':>8} {'MB_out':>8}"
+    )
+    lines = [f"algorithm: {algorithm}", header, "-" * len(header)]
+
+    def row(name, d):
         return (
-            f"{label:>5} {_fmt(d.get('test_accuracy', d.get('test_accuracy_mean')), '.4f'):>8} "
+            f"{name:>6} {_fmt(d.get('test_accuracy', d.get('test_accuracy_mean')), '.4f'):>8} "
             f"{_fmt(d.get('test_loss', d.get('test_loss_mean')), '.4f'):>9} {d['steps']:>7} "
-            f"{_fmt(d['gradients_per_s'], '.0f'):>8} {_fmt(d['staleness_avg_steps']):>6} "
-            f"{_fmt(d['staleness_max_steps'], 'd'):>6} {_fmt(d['lag_avg_steps']):>7} "
-            f"{_fmt(d['lag_max_steps'], 'd'):>7} {d['msgs_out']:>8} {d['bytes_out'] / 1e6:>8.2f}"
+            f"{_fmt(d['gradients_per_s'], '.0f'):>8} {_fmt(d.get(key + '_avg_steps')):>7} "
+            f"{_fmt(d.get(key + '_max_steps'), 'd'):>7} {_fmt(d.get('lag_avg_steps')):>7} "
+            f"{_fmt(d.get('lag_max_steps'), 'd'):>7} {d['msgs_out']:>8} {d['bytes_out'] / 1e6:>8.2f}"
         )
 
     for node in summary["nodes"]:
         lines.append(row(str(node["node"]), node))
     lines.append("-" * len(header))
-    run = summary["run"]
     lines.append(row("all", run))
     checks = summary["checks"]
+    if ps:
+        in_flight = run.get("tau_in_flight_steps") or []
+        lines += [
+            "",
+            f"server model: test accuracy {_fmt(run['average_model_test_accuracy'], '.4f')}, "
+            f"test loss {_fmt(run['average_model_test_loss'], '.4f')}",
+            f"tau_avg {_fmt(run['tau_avg_steps'])} steps (Koloskova et al. Def. 4, {len(in_flight)} in-flight "
+            f"gradients counted), tau_max {_fmt(run['tau_max_steps'], 'd')}; delay rule {run['delay_rule']}, "
+            f"{run['gradients_dropped']} gradients dropped",
+            f"wall time {run['wall_s']:.1f} s, training {run['train_s']:.1f} s, "
+            f"{run['updates_applied']} server updates, {run['malformed']} malformed messages",
+        ]
+        return "\n".join(lines)
     lines += [
         "",
         f"average model: test accuracy {_fmt(run['average_model_test_accuracy'], '.4f')}, "

@@ -16,6 +16,7 @@ preallocated buffers; the bookkeeping lives in :class:`~dasgd.protocol.NodeProto
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
@@ -29,10 +30,11 @@ import zmq
 from . import wire
 from .config import RunConfig, run_config_from_dict
 from .data import BatchSampler, steps_for_epochs
+from .emulation import Slowdown
 from .errors import DasgdError, TransportError, WireError
 from .metrics import EventLog
 from .models import build_model
-from .optim import build_optimizer
+from .optim import build_optimizer, delay_adaptive_lr
 from .protocol import NodeProtocol, Outgoing
 from .topology import neighbours as topology_neighbours
 from .topology import parse_topology
@@ -51,40 +53,58 @@ class _Terminated(Exception):
     """SIGTERM arrived: stop, flush logs, exit non-zero."""
 
 
-class _DeltaBuffers:
-    """The open delta and a pool of sealed ones still referenced by ZeroMQ."""
+class BufferPool:
+    """Arrays sent zero-copy, reused once ZeroMQ has released them.
+
+    ZeroMQ keeps a reference to a buffer sent with ``copy=False`` until the
+    message has left; writing into it before then would corrupt the message.
+    Arrays under :data:`ZERO_COPY_BYTES` are simply copied into the message.
+    Fresh large allocations are slow on these machines (DESIGN.md §9), hence
+    the pool.
+
+    Parameters
+    ----------
+    n_params : int
+        Length of every array, shape (n_params,).
+    dtype : numpy dtype
+    """
 
     def __init__(self, n_params: int, dtype) -> None:
         self.n_params = n_params
         self.dtype = dtype
-        self.open = np.zeros(n_params, dtype=dtype)
         self._in_flight: list[tuple[np.ndarray, zmq.MessageTracker]] = []
 
-    def seal(self, total: np.ndarray) -> object:
-        """Add the open delta to ``total``, return the payload to send, and open a zero delta.
-
-        Small deltas are copied into the message and the open buffer is zeroed in
-        place; large ones are sent zero-copy and a free (or new) buffer becomes
-        the open delta.
-        """
-        sealed = self.open
-        total += sealed
-        if sealed.nbytes < ZERO_COPY_BYTES:
-            payload = sealed.tobytes()
-            sealed.fill(0)
-            return payload
-        frame = zmq.Frame(sealed, track=True)
-        self._in_flight.append((sealed, frame.tracker))
-        self.open = self._free_buffer()
-        return frame
-
-    def _free_buffer(self) -> np.ndarray:
-        for k, (buf, tracker) in enumerate(self._in_flight[:-1]):
+    def take(self) -> np.ndarray:
+        """A buffer ZeroMQ no longer uses (or a new one); its contents are undefined."""
+        for k, (buf, tracker) in enumerate(self._in_flight):
             if tracker.done:
                 del self._in_flight[k]
-                buf.fill(0)
                 return buf
-        return np.zeros(self.n_params, dtype=self.dtype)
+        return np.empty(self.n_params, dtype=self.dtype)
+
+    def payload(self, array: np.ndarray):
+        """The message frame for ``array``.
+
+        Returns
+        -------
+        bytes or zmq.Frame
+            bytes (a copy: ``array`` is free again at once) for small arrays; a
+            tracked zero-copy frame otherwise, and ``array`` then belongs to the
+            pool until ZeroMQ releases it.
+        """
+        if array.nbytes < ZERO_COPY_BYTES:
+            return array.tobytes()
+        frame = zmq.Frame(array, track=True)
+        self._in_flight.append((array, frame.tracker))
+        return frame
+
+    def snapshot(self, array: np.ndarray):
+        """The message frame for a copy of ``array`` (which the caller keeps changing)."""
+        if array.nbytes < ZERO_COPY_BYTES:
+            return array.tobytes()
+        buf = self.take()
+        np.copyto(buf, array)
+        return self.payload(buf)
 
 
 class Node:
@@ -151,8 +171,12 @@ class Node:
             n_params=self.n_params,
             dtype=mc.dtype,
         )
-        self.buffers = _DeltaBuffers(self.n_params, self.dtype)
+        self.pool = BufferPool(self.n_params, self.dtype)
+        self.open_delta = np.zeros(self.n_params, dtype=self.dtype)
         self.malformed = 0
+        self._delay_rule = tc.delay_rule
+        self._delay_concurrency = tc.delay_concurrency or config.n_nodes
+        self.deltas_dropped = 0
         self.transport: Transport | None = None
         self.log: EventLog | None = None
         self.on_progress = None  # callable(dict) or None
@@ -165,6 +189,10 @@ class Node:
         self.train_s = 0.0
         self.drain_s = 0.0
         self.drained = False
+        self.slowdown = Slowdown(1.0)
+        self.test_set = None  # (X_test, y_test) to log eval records, or None
+        self.eval_s = 0.0
+        self._eval_t = -math.inf
 
     # -- messages -----------------------------------------------------------
     def _send(self, out: Outgoing, payload=None) -> None:
@@ -174,7 +202,16 @@ class Node:
             self.transport.send(to, frames)
 
     def _seal_and_send(self, out: Outgoing) -> None:
-        self._send(out, self.buffers.seal(self.delta_sum))
+        """Send the open delta with ``out``'s header and open a new, zero one."""
+        sealed = self.open_delta
+        self.delta_sum += sealed
+        payload = self.pool.payload(sealed)
+        if isinstance(payload, bytes):  # copied: reuse the buffer
+            sealed.fill(0)
+        else:  # the pool owns it until ZeroMQ lets go
+            self.open_delta = self.pool.take()
+            self.open_delta.fill(0)
+        self._send(out, payload)
 
     def _handle(self, frames: list) -> None:
         try:
@@ -192,7 +229,19 @@ class Node:
                 self.log.log("malformed", self.step, reason=str(exc))
             return
         if apply:
-            self.params += delta
+            if self._delay_rule == "none":
+                self.params += delta
+            else:  # extension: scale by apply staleness (models then differ between nodes)
+                scale = delay_adaptive_lr(
+                    1.0,
+                    self.protocol.last_apply_staleness,
+                    self._delay_concurrency,
+                    rule=self._delay_rule,
+                )
+                if scale > 0:
+                    self.params += scale * delta
+                else:
+                    self.deltas_dropped += 1
         if forward is not None:
             self._send(forward, frames[1] if delta is not None else None)
 
@@ -232,6 +281,26 @@ class Node:
         if self.on_progress is not None:
             self.on_progress(record)
 
+    def evaluate(self, now: float, *, force: bool = False) -> None:
+        """Log an ``eval`` record (test loss and accuracy of this node's model) when due."""
+        interval = self.config.eval_interval_s
+        if (
+            self.test_set is None
+            or interval is None
+            or (not force and now - self._eval_t < interval)
+        ):
+            return
+        t = time.perf_counter()
+        X_test, y_test = self.test_set
+        self.log.log(
+            "eval",
+            self.step,
+            test_loss=self.model.loss(self.params, X_test, y_test),
+            test_accuracy=self.model.accuracy(self.params, X_test, y_test),
+        )
+        self._eval_t = now
+        self.eval_s += time.perf_counter() - t
+
     # -- phases -------------------------------------------------------------
     def train(self) -> None:
         """Take ``total_steps`` local steps, applying and relaying deltas as they arrive."""
@@ -245,11 +314,15 @@ class Node:
             self.transport,
         )
         X, y, params, grad = self.X, self.y, self.params, self._grad
+        slowdown = self.slowdown if self.slowdown.factor > 1 else None
         t_start = time.monotonic()
         self._interval_t = t_start
+        self.evaluate(t_start, force=True)
         for _ in range(self.total_steps):
             if self.stop_requested:
                 raise _Terminated
+            if slowdown is not None:
+                t_iteration = time.perf_counter()
             self._receive_all()
             if transport.backlog_msgs and transport.flush() > tc.max_backlog_msgs:
                 self._wait_backlog()
@@ -257,15 +330,18 @@ class Node:
             loss, _ = model.loss_and_grad(params, X[idx], y[idx], out=grad)
             update = optimizer.update(grad)
             params += update
-            self.buffers.open += update
+            self.open_delta += update
             self._loss_sum += loss
             self._loss_count += 1
             out = protocol.local_step()
             if out is not None:
                 self._seal_and_send(out)
+            if slowdown is not None:  # the whole iteration (receive, apply, step, send) is slower
+                slowdown.after_step(time.perf_counter() - t_iteration)
             now = time.monotonic()
             if now - self._interval_t >= log_every_s:
                 self._interval(now, "train")
+                self.evaluate(now)
         self.train_s = time.monotonic() - t_start
         self._interval(time.monotonic(), "train")
 
@@ -319,6 +395,16 @@ class Node:
             self._receive_all(timeout_s=0.005)
         self.drain_s = time.monotonic() - t_start
         self._interval(time.monotonic(), "drain")
+        self.evaluate(time.monotonic(), force=True)
+
+    def run(self) -> None:
+        """Train, then drain."""
+        self.train()
+        self.drain()
+
+    def start_fields(self) -> dict:
+        """What the ``start`` record says about this node."""
+        return {"role": "node", "shard_size": len(self.y), "total_steps": self.total_steps}
 
     def write_results(self) -> None:
         """Final model, own-delta sum and the ``final`` log record."""
@@ -329,9 +415,14 @@ class Node:
             self.step,
             train_s=self.train_s,
             drain_s=self.drain_s,
+            eval_s=self.eval_s,
+            slowdown_factor=self.slowdown.factor,
+            slept_s=self.slowdown.slept_s,
             gradients_per_s=self.step / self.train_s if self.train_s > 0 else None,
             drained=self.drained,
             malformed=self.malformed,
+            delay_rule=self._delay_rule,
+            deltas_dropped=self.deltas_dropped,
             optimizer=self.optimizer.state_dict(),
             **self.transport.counters(),
             **self.protocol.summary(),
@@ -367,15 +458,54 @@ def _control_recv(sock: zmq.Socket, timeout_s: float, *, parent_pid: int, node_i
             raise TransportError(f"node {node_id}: the launcher is gone")
 
 
+def log_name(config: RunConfig, node_id: int) -> str:
+    """File stem of a process's log and outputs: ``node-<i>``, or ``server`` for the parameter server."""
+    return (
+        "server" if config.algorithm != "dasgd" and node_id == config.n_nodes else f"node-{node_id}"
+    )
+
+
+def _build_role(config: RunConfig, node_id: int, run_dir: Path, meta: dict):
+    """The DASGD node, PS worker or PS server this process is, and its neighbours."""
+    data = run_dir / "data"
+    n = config.n_nodes
+    if config.algorithm == "dasgd" or node_id < n:
+        X = np.load(data / f"shard-{node_id}-X.npy")
+        y = np.load(data / f"shard-{node_id}-y.npy")
+    if config.algorithm == "dasgd":
+        graph = parse_topology(str(run_dir / "topology.json"), n)
+        neighbours = topology_neighbours(graph, node_id)
+        role = Node(config, node_id, neighbours, X, y, meta["n_classes"], run_dir)
+    else:
+        from .ps import Server, Worker
+
+        if node_id < n:
+            neighbours = [n]
+            role = Worker(config, node_id, X, y, meta["n_classes"], run_dir)
+        else:
+            neighbours = list(range(n))
+            role = Server(
+                config, meta["n_features"], meta["n_classes"], meta["shard_sizes"], run_dir
+            )
+    factors = meta["emulation"]["slowdown_factors"]
+    role.slowdown = Slowdown(factors[node_id] if node_id < len(factors) else 1.0)
+    if config.eval_interval_s is not None and hasattr(role, "test_set"):
+        role.test_set = (
+            np.load(data / "test-X.npy").astype(role.dtype, copy=False),
+            np.load(data / "test-y.npy"),
+        )
+    return role, neighbours
+
+
 def node_main(run_dir: str, node_id: int, control_address: str) -> int:
-    """Entry point of a node process; returns the exit code.
+    """Entry point of a node process (DASGD node, PS worker or PS server); returns the exit code.
 
     Parameters
     ----------
     run_dir : str
         The run directory the launcher prepared.
     node_id : int
-        Which node this process is.
+        Which node this process is (the PS server is node ``n_nodes``).
     control_address : str
         The launcher's control socket.
 
@@ -392,35 +522,31 @@ def node_main(run_dir: str, node_id: int, control_address: str) -> int:
     control = ctx.socket(zmq.DEALER)
     control.setsockopt(zmq.LINGER, 2000)
     control.connect(control_address)
-    node = None
+    role = None
 
     def on_term(signum, frame):
-        if node is not None:
-            node.stop_requested = True
+        if role is not None:
+            role.stop_requested = True
         else:
             raise _Terminated
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
     try:
-        graph = parse_topology(str(run_dir / "topology.json"), config.n_nodes)
-        neighbours = topology_neighbours(graph, node_id)
         meta = json.loads((run_dir / "data" / "meta.json").read_text())
-        X = np.load(run_dir / "data" / f"shard-{node_id}-X.npy")
-        y = np.load(run_dir / "data" / f"shard-{node_id}-y.npy")
-        node = Node(config, node_id, neighbours, X, y, meta["n_classes"], run_dir)
+        role, neighbours = _build_role(config, node_id, run_dir, meta)
         tc = config.transport
         bind = inbox_address(
             tc.kind, node_id, host=tc.host, base_port=tc.base_port, ipc_dir=meta["ipc_dir"]
         )
-        max_bytes = node.n_params * node.dtype.itemsize + wire.MAX_HEADER_BYTES + 4096
-        node.transport = Transport(
+        message_bytes = role.n_params * role.dtype.itemsize
+        role.transport = Transport(
             node_id,
             bind,
-            hwm_msgs=queue_limit_msgs(tc, node.n_params * node.dtype.itemsize),
-            max_message_bytes=max_bytes,
+            hwm_msgs=queue_limit_msgs(tc, message_bytes),
+            max_message_bytes=message_bytes + wire.MAX_HEADER_BYTES + 4096,
         )
-        address = node.transport.start()
+        address = role.transport.start()
         _control_send(
             control, {"kind": "ready", "node": node_id, "address": address, "pid": os.getpid()}
         )
@@ -432,19 +558,19 @@ def node_main(run_dir: str, node_id: int, control_address: str) -> int:
                 f"node {node_id}: expected start from the launcher, got {start.get('kind')!r}"
             )
         addresses = {int(k): v for k, v in start["addresses"].items()}
-        node.transport.connect({u: addresses[u] for u in neighbours})
+        role.transport.connect({u: addresses[u] for u in neighbours})
+        name = log_name(config, node_id)
         with EventLog(
-            run_dir / f"node-{node_id}.jsonl", node_id, flush_interval_s=config.log_interval_s
+            run_dir / f"{name}.jsonl", node_id, flush_interval_s=config.log_interval_s
         ) as log:
-            node.log = log
+            role.log = log
             log.log(
                 "start",
                 0,
                 neighbours=neighbours,
-                shard_size=len(y),
-                total_steps=node.total_steps,
-                n_params=node.n_params,
+                n_params=role.n_params,
                 address=address,
+                **role.start_fields(),
             )
 
             def progress(record):
@@ -452,25 +578,23 @@ def node_main(run_dir: str, node_id: int, control_address: str) -> int:
                     raise TransportError(f"node {node_id}: the launcher is gone")
                 _control_send(control, {"kind": "progress", **record})
 
-            node.on_progress = progress
-            node.train()
-            node.drain()
-            node.write_results()
+            role.on_progress = progress
+            role.run()
+            role.write_results()
         _control_send(control, {"kind": "done", "node": node_id})
         return 0
     except _Terminated:
         print(f"node {node_id}: terminated", file=sys.stderr)
         return 143
     except (DasgdError, OSError, ValueError) as exc:
-        message = f"node {node_id}: {exc}"
-        print(message, file=sys.stderr)
+        print(f"node {node_id}: {exc}", file=sys.stderr)
         try:
             _control_send(control, {"kind": "error", "node": node_id, "message": str(exc)})
         except zmq.ZMQError:
             pass
         return 1
     finally:
-        if node is not None and node.transport is not None:
-            node.transport.close(linger_s=1.0)
+        if role is not None and role.transport is not None:
+            role.transport.close(linger_s=1.0)
         control.close(linger=1000)
         ctx.term()

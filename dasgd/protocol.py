@@ -70,6 +70,8 @@ class NodeProtocol:
         Apply staleness and model lag statistics.
     duplicates : int
         Deltas and fins received again and dropped (flooding makes them normal).
+    last_apply_staleness : int
+        Apply staleness, in steps, of the delta most recently applied.
 
     References
     ----------
@@ -107,6 +109,7 @@ class NodeProtocol:
         self._applied_above: list[set[int]] = [set() for _ in range(n_nodes)]
         self.applied_deltas = np.zeros(n_nodes, dtype=np.int64)
         self.duplicates = 0
+        self.last_apply_staleness = 0
         self.staleness = StalenessTracker(node_id, self.neighbours, n_nodes)
         # drain state
         self.finished = False
@@ -246,6 +249,7 @@ class NodeProtocol:
             self.duplicates += 1
             return False, None
         staleness_steps = apply_staleness(self.vv, header.base_vv, origin)
+        self.last_apply_staleness = staleness_steps
         self.staleness.record_apply(origin, sender, staleness_steps)
         self.vv[origin] += header.steps
         self.applied_deltas[origin] += 1

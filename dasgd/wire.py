@@ -16,18 +16,21 @@ Header fields (all required unless marked):
 field          type      meaning
 =============  ========  ===============================================================
 ``v``          int       wire version, :data:`WIRE_VERSION`
-``kind``       str       ``"delta"``, ``"fin"`` or ``"complete"`` (see below)
+``kind``       str       one of :data:`KINDS` (see below)
 ``origin``     int       node whose local steps the message describes (0..n-1)
 ``sender``     int       node that put this copy on the wire (a neighbour of the receiver)
 ``seq``        int       origin's sequence number of the delta (0, 1, ...); for ``fin``:
-                         the number of deltas the origin sealed in the whole run
+                         the number of deltas the origin sealed in the whole run; for
+                         ``grad``: the model version t the gradient was computed at;
+                         for ``model``: the version t of the model sent
 ``steps``      int       local steps summed in the delta (>= 1); for ``fin``: the
                          origin's total local steps in the run
 ``base_vv``    bytes     origin's version vector when the delta's window opened,
                          n little-endian uint32 (``delta`` only, else empty)
 ``sender_vv``  bytes     sender's version vector when it sent this copy, n uint32
-``dtype``      str       ``"float32"`` or ``"float64"`` (``delta`` only, else ``""``)
-``shape``      [int]     shape of the array frame (``delta`` only, else ``[]``)
+                         (DASGD kinds only, else empty)
+``dtype``      str       ``"float32"`` or ``"float64"`` (kinds with an array, else ``""``)
+``shape``      [int]     shape of the array frame (kinds with an array, else ``[]``)
 =============  ========  ===============================================================
 
 Kinds: ``delta`` carries parameter changes and is flooded to every node
@@ -36,6 +39,12 @@ stepping and how many deltas and steps it produced, flooded like a delta;
 ``complete`` tells a neighbour that the sender holds every delta of the run
 (only sent to neighbours, never forwarded). Version vectors (ALGORITHMS.md §2)
 count local steps per origin.
+
+The parameter-server baselines (:mod:`dasgd.ps`) use three more kinds on the
+same frames: ``grad`` (worker -> server, a gradient with the model version it
+was computed at), ``model`` (server -> worker, the current model and its
+version) and ``stop`` (server -> worker, no array). Their node ids are the
+workers 0..n-1 and the server n.
 
 Nothing is ever pickled. :func:`decode` validates everything a peer controls and
 raises :class:`~dasgd.errors.WireError` on any problem; the node counts and drops
@@ -53,14 +62,21 @@ import numpy as np
 from .errors import WireError
 
 WIRE_VERSION = 1
-KINDS = ("delta", "fin", "complete")
+KINDS = ("delta", "fin", "complete", "grad", "model", "stop")
+#: kinds whose second frame is an array
+ARRAY_KINDS = ("delta", "grad", "model")
+#: kinds that carry the sender's version vector (DASGD)
+VV_KINDS = ("delta", "fin", "complete")
+_NO_VV = np.zeros(0, np.int64)
 DTYPES = ("float32", "float64")
 MAX_HEADER_BYTES = 1 << 24
 _VV_DTYPE = np.dtype("<u4")
 
 __all__ = [
     "DTYPES",
+    "ARRAY_KINDS",
     "KINDS",
+    "VV_KINDS",
     "WIRE_VERSION",
     "Header",
     "decode",
@@ -134,7 +150,7 @@ def encode_header(header: Header) -> bytes:
             "seq": header.seq,
             "steps": header.steps,
             "base_vv": vv_to_bytes(header.base_vv) if header.kind == "delta" else b"",
-            "sender_vv": vv_to_bytes(header.sender_vv),
+            "sender_vv": vv_to_bytes(header.sender_vv) if header.kind in VV_KINDS else b"",
             "dtype": header.dtype,
             "shape": list(header.shape),
         },
@@ -185,11 +201,11 @@ def decode_header(raw: bytes, n_nodes: int) -> Header:
     origin = _int_field(body, "origin", 0, n_nodes - 1)
     sender = _int_field(body, "sender", 0, n_nodes - 1)
     seq = _int_field(body, "seq", 0)
-    steps = _int_field(body, "steps", 1 if kind == "delta" else 0)
-    sender_vv = vv_from_bytes(body.get("sender_vv"), n_nodes)
-    if kind != "delta":
-        return Header(kind, origin, sender, seq, steps, np.zeros(0, np.int64), sender_vv)
-    base_vv = vv_from_bytes(body.get("base_vv"), n_nodes)
+    steps = _int_field(body, "steps", 1 if kind in ("delta", "grad") else 0)
+    sender_vv = vv_from_bytes(body.get("sender_vv"), n_nodes) if kind in VV_KINDS else _NO_VV
+    if kind not in ARRAY_KINDS:
+        return Header(kind, origin, sender, seq, steps, _NO_VV, sender_vv)
+    base_vv = vv_from_bytes(body.get("base_vv"), n_nodes) if kind == "delta" else _NO_VV
     dtype = body.get("dtype")
     if dtype not in DTYPES:
         raise WireError(f"dtype {dtype!r}, expected one of {', '.join(DTYPES)}")
@@ -226,8 +242,8 @@ def decode(
     Returns
     -------
     header : Header
-    delta : ndarray of shape (n_params,) and the run's dtype, read-only, or None
-        A zero-copy view of frame 1 for ``kind == "delta"``; None otherwise.
+    array : ndarray of shape (n_params,) and the run's dtype, read-only, or None
+        A zero-copy view of frame 1 for kinds in :data:`ARRAY_KINDS`; None otherwise.
 
     Raises
     ------
@@ -237,15 +253,15 @@ def decode(
     if not frames:
         raise WireError("empty message")
     header = decode_header(_as_bytes(frames[0]), n_nodes)
-    if header.kind != "delta":
+    if header.kind not in ARRAY_KINDS:
         if len(frames) != 1:
             raise WireError(f"{header.kind} message has {len(frames)} frames, expected 1")
         return header, None
     if len(frames) != 2:
-        raise WireError(f"delta message has {len(frames)} frames, expected 2")
+        raise WireError(f"{header.kind} message has {len(frames)} frames, expected 2")
     if header.dtype != dtype or header.shape != (n_params,):
         raise WireError(
-            f"delta of {header.dtype}{list(header.shape)}, expected {dtype}[{n_params}]"
+            f"{header.kind} of {header.dtype}{list(header.shape)}, expected {dtype}[{n_params}]"
         )
     payload = frames[1]
     buffer = payload.buffer if hasattr(payload, "buffer") else memoryview(payload)
@@ -255,7 +271,7 @@ def decode(
     delta = np.frombuffer(buffer, dtype=np.dtype(dtype).newbyteorder("<"))
     # one reduction instead of a boolean temporary: NaN or inf anywhere makes the sum non-finite
     if check_finite and not math.isfinite(float(np.add.reduce(delta, dtype=np.float64))):
-        raise WireError(f"delta {header.origin}:{header.seq} contains NaN or inf")
+        raise WireError(f"{header.kind} {header.origin}:{header.seq} contains NaN or inf")
     return header, delta
 
 
