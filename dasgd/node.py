@@ -324,7 +324,7 @@ class Node:
             if slowdown is not None:
                 t_iteration = time.perf_counter()
             self._receive_all()
-            if transport.backlog_msgs and transport.flush() > tc.max_backlog_msgs:
+            if transport.has_pending and transport.flush() > tc.max_backlog_msgs:
                 self._wait_backlog()
             idx = sampler.next_batch()
             loss, _ = model.loss_and_grad(params, X[idx], y[idx], out=grad)
@@ -350,7 +350,7 @@ class Node:
         tc = self.config.transport
         while self.transport.flush() > tc.max_backlog_msgs:
             self.transport.check_stalled(tc.send_timeout_s)
-            self._receive_all(timeout_s=0.005)
+            self._receive_all(timeout_s=self.transport.wait_cap_s(0.005))
             if self.stop_requested:
                 raise _Terminated
 
@@ -380,7 +380,7 @@ class Node:
             self.transport.flush()
             self.transport.check_stalled(tc.send_timeout_s)
             now = time.monotonic()
-            if self._receive_all(timeout_s=0.01):
+            if self._receive_all(timeout_s=self.transport.wait_cap_s(0.01)):
                 last_message = now
             elif now - last_message > tc.drain_timeout_s:
                 self.log.log(
@@ -390,9 +390,14 @@ class Node:
             if now - self._interval_t >= self.config.log_interval_s:
                 self._interval(now, "drain")
         # let the last messages (our `complete`) leave; neighbours that still need them are alive
-        deadline = time.monotonic() + min(tc.send_timeout_s, 5.0)
-        while self.transport.flush() and time.monotonic() < deadline:
-            self._receive_all(timeout_s=0.005)
+        deadline = (
+            time.monotonic()
+            + min(tc.send_timeout_s, 5.0)
+            + max(self.transport.latency_s.values(), default=0.0)
+        )
+        while self.transport.has_pending and time.monotonic() < deadline:
+            self.transport.flush()
+            self._receive_all(timeout_s=self.transport.wait_cap_s(0.005))
         self.drain_s = time.monotonic() - t_start
         self._interval(time.monotonic(), "drain")
         self.evaluate(time.monotonic(), force=True)
@@ -540,9 +545,12 @@ def node_main(run_dir: str, node_id: int, control_address: str) -> int:
             tc.kind, node_id, host=tc.host, base_port=tc.base_port, ipc_dir=meta["ipc_dir"]
         )
         message_bytes = role.n_params * role.dtype.itemsize
+        links = (key.split("-") for key in meta["emulation"]["latency_s"])
+        delays = meta["emulation"]["latency_s"]
         role.transport = Transport(
             node_id,
             bind,
+            latency_s={int(v): delays[f"{u}-{v}"] for u, v in links if int(u) == node_id},
             hwm_msgs=queue_limit_msgs(tc, message_bytes),
             max_message_bytes=message_bytes + wire.MAX_HEADER_BYTES + 4096,
         )

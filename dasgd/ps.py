@@ -112,7 +112,7 @@ class _Role:
                     raise TransportError(
                         f"node {self.node_id}: no {expect} within {timeout_s:.0f} s"
                     )
-                self.transport.poll(min(remaining, 0.05))
+                self.transport.poll(self.transport.wait_cap_s(min(remaining, 0.05)))
                 continue
             try:
                 header, array = wire.decode(
@@ -377,9 +377,14 @@ class Server(_Role):
             self.transport.send(w, [stop])
         self._interval(time.monotonic())
         self.evaluate(time.monotonic(), force=True)
-        deadline = time.monotonic() + min(self.config.transport.send_timeout_s, 5.0)
-        while self.transport.flush() and time.monotonic() < deadline:
-            self.transport.poll(0.005)
+        deadline = (
+            time.monotonic()
+            + min(self.config.transport.send_timeout_s, 5.0)
+            + max(self.transport.latency_s.values(), default=0.0)
+        )
+        while self.transport.has_pending and time.monotonic() < deadline:
+            self.transport.flush()
+            self.transport.poll(self.transport.wait_cap_s(0.005))
 
     def _run_async(self) -> None:
         timeout_s = self.config.transport.send_timeout_s

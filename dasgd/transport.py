@@ -7,10 +7,21 @@ nothing of models or deltas. Its contract:
   a send that would block (the neighbour's queue is at its high-water mark) is
   queued in a per-neighbour backlog, in order, and retried by :meth:`flush`.
   The node stops taking local steps while a backlog is long (backpressure) and
-  fails with :class:`~dasgd.errors.TransportError` when a neighbour accepts
-  nothing for ``send_timeout_s``.
+  fails with :class:`~dasgd.errors.TransportError` when a neighbour with
+  messages waiting for it accepts nothing for ``send_timeout_s``.
 - Every socket has LINGER, high-water marks and (the inbox) MAXMSGSIZE set.
 - PUB/SUB is not used: it drops silently.
+
+Emulated link latency (the kernel here has no netem; see :mod:`dasgd.emulation`):
+a link with a one-way delay ``d`` seconds holds each outgoing message in a
+per-link delay queue until ``time.monotonic() + d`` after its send, then hands
+it to the socket (or the backlog). The delay is constant per link, so the queue
+is FIFO and per-link order is kept. Messages inside their delay are "on the
+wire": they are not in the backlog, do not trigger backpressure and do not
+count as a stall. They only move when the caller calls :meth:`flush` (or sends
+on the same link), so a caller with delayed messages calls :meth:`flush` while
+:attr:`Transport.has_pending` and bounds its waits by :meth:`Transport.next_due_s`.
+A link without delay costs one dict lookup per send and nothing else.
 
 Addresses are ``ipc://DIR/node-<id>`` or ``tcp://HOST:PORT``; with port 0 the
 operating system picks a free port and :meth:`Transport.start` returns the
@@ -19,6 +30,7 @@ address actually bound, which the launcher hands to the neighbours.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 
@@ -65,12 +77,26 @@ class Transport:
         larger one is disconnected by ZeroMQ.
     linger_s : float
         How long :meth:`close` waits for queued messages to leave.
+    latency_s : dict of int to float, optional
+        Emulated one-way delay in seconds per destination neighbour id; a
+        neighbour that is absent or has 0 gets no delay.
+
+    Raises
+    ------
+    ValueError
+        If a delay in ``latency_s`` is negative or not finite.
 
     Notes
     -----
     The constructor stores settings only; :meth:`start` creates and binds the
     sockets and :meth:`close` (idempotent) releases them. Usable as a context
     manager.
+
+    Each message is in one of three places until ZeroMQ takes it: a delay
+    queue (:attr:`delayed_msgs`; links with latency only), a backlog
+    (:attr:`backlog_msgs`; refused by a full ZeroMQ queue) or nowhere (handed
+    to ZeroMQ, counted in ``msgs_out``/``bytes_out``). Per link, messages
+    leave in the order they were sent.
     """
 
     def __init__(
@@ -81,17 +107,29 @@ class Transport:
         hwm_msgs: int = 1000,
         max_message_bytes: int = -1,
         linger_s: float = 5.0,
+        latency_s: dict[int, float] | None = None,
     ) -> None:
+        latency_s = dict(latency_s or {})
+        for to, delay_s in latency_s.items():
+            if not (math.isfinite(delay_s) and delay_s >= 0):
+                raise ValueError(
+                    f"node {node_id}: latency to neighbour {to} must be finite and >= 0 s, "
+                    f"got {delay_s!r}"
+                )
         self.node_id = node_id
         self.bind_address = bind_address
         self.hwm_msgs = hwm_msgs
         self.max_message_bytes = max_message_bytes
         self.linger_s = linger_s
+        self.latency_s = latency_s
         self.address: str | None = None
         self._ctx: zmq.Context | None = None
         self._inbox: zmq.Socket | None = None
         self._out: dict[int, zmq.Socket] = {}
         self._backlog: dict[int, deque] = {}
+        # links with a delay only: neighbour -> (delay_s, deque of (due_s, frames))
+        self._delayed: dict[int, tuple[float, deque]] = {}
+        # per neighbour: last time it accepted a message, or its backlog became non-empty
         self._last_progress: dict[int, float] = {}
         self._poller: zmq.Poller | None = None
         self.msgs_out = 0
@@ -142,11 +180,23 @@ class Transport:
             self._out[node] = sock
             self._backlog[node] = deque()
             self._last_progress[node] = time.monotonic()
+            delay_s = self.latency_s.get(node, 0.0)
+            if delay_s > 0:
+                self._delayed[node] = (delay_s, deque())
 
     def close(self, linger_s: float | None = None) -> None:
-        """Close every socket (waiting at most ``linger_s`` for queued sends) and the context."""
+        """Close every socket (waiting at most ``linger_s`` for queued sends) and the context.
+
+        Delayed messages already due are handed to ZeroMQ first (behind the
+        backlog, without blocking); those still inside their delay are dropped:
+        close means the run is over, and they are still "on the wire".
+        """
         if self._ctx is None:
             return
+        if self.delayed_msgs:
+            self.flush()
+            for _, queue in self._delayed.values():
+                queue.clear()
         linger_ms = int((self.linger_s if linger_s is None else linger_s) * 1000)
         for sock in self._out.values():
             sock.close(linger=linger_ms)
@@ -168,12 +218,28 @@ class Transport:
     def send(self, to: int, frames: list) -> None:
         """Send one multipart message to neighbour ``to`` without blocking.
 
-        If the neighbour's queue is full, or earlier messages wait for it, the
-        message joins its backlog (order kept) and :meth:`flush` sends it later.
-        Frames may be bytes, buffers or ``zmq.Frame`` objects (sent zero-copy).
+        On a link with latency the message joins the link's delay queue, due
+        ``latency_s[to]`` seconds from now; :meth:`flush` (or a later send on
+        the same link) hands it over when due. Otherwise, if the neighbour's
+        queue is full or earlier messages wait for it, the message joins its
+        backlog (order kept) and :meth:`flush` sends it later. Frames may be
+        bytes, buffers or ``zmq.Frame`` objects (sent zero-copy; a delayed
+        message keeps its frames referenced until it is handed over).
         """
+        link = self._delayed.get(to)
+        if link is not None:
+            now = time.monotonic()
+            queue = link[1]
+            if queue and queue[0][0] <= now:
+                self._release_due(to, queue, now)
+                self._drain(to, self._backlog[to])
+            queue.append((now + link[0], frames))
+            return
         backlog = self._backlog[to]
-        if backlog or not self._try_send(to, frames):
+        if backlog:
+            backlog.append(frames)
+        elif not self._try_send(to, frames):
+            self._last_progress[to] = time.monotonic()  # the stall clock starts now
             backlog.append(frames)
 
     def _try_send(self, to: int, frames: list) -> bool:
@@ -186,28 +252,76 @@ class Transport:
         self._last_progress[to] = time.monotonic()
         return True
 
+    def _drain(self, to: int, backlog: deque) -> None:
+        while backlog and self._try_send(to, backlog[0]):
+            backlog.popleft()
+
+    def _release_due(self, to: int, queue: deque, now: float) -> None:
+        """Move the messages of ``queue`` due by ``now`` to the end of ``to``'s backlog."""
+        backlog = self._backlog[to]
+        if not backlog:
+            self._last_progress[to] = now  # time spent in the delay is not a stall
+        while queue and queue[0][0] <= now:
+            backlog.append(queue.popleft()[1])
+
     def flush(self) -> int:
-        """Send what the backlogs hold, as far as the neighbours accept it.
+        """Hand due delayed messages and the backlogs to ZeroMQ, as far as the neighbours accept.
+
+        Per link, due delayed messages go behind the link's backlog (order kept).
 
         Returns
         -------
         int
-            Messages still waiting in all backlogs.
+            Messages still waiting in all backlogs (refused by ZeroMQ); messages
+            still inside their delay are not counted.
         """
+        if self._delayed:
+            now = time.monotonic()
+            for to, (_, queue) in self._delayed.items():
+                if queue and queue[0][0] <= now:
+                    self._release_due(to, queue, now)
         waiting = 0
         for to, backlog in self._backlog.items():
-            while backlog and self._try_send(to, backlog[0]):
-                backlog.popleft()
+            self._drain(to, backlog)
             waiting += len(backlog)
         return waiting
 
     @property
     def backlog_msgs(self) -> int:
-        """Messages waiting in all backlogs."""
+        """Messages waiting in all backlogs (refused by ZeroMQ so far)."""
         return sum(len(b) for b in self._backlog.values())
+
+    @property
+    def delayed_msgs(self) -> int:
+        """Messages inside their emulated delay, in all delay queues."""
+        return sum(len(queue) for _, queue in self._delayed.values())
+
+    @property
+    def has_pending(self) -> bool:
+        """True while a backlog or a delay queue holds a message: keep calling :meth:`flush`."""
+        return any(self._backlog.values()) or any(queue for _, queue in self._delayed.values())
+
+    def wait_cap_s(self, cap_s: float) -> float:
+        """``cap_s``, shortened so that a wait ends when the next delayed message is due."""
+        due = self.next_due_s()
+        return cap_s if due is None else min(cap_s, due)
+
+    def next_due_s(self) -> float | None:
+        """Seconds until the earliest delayed message is due (0 if overdue); None if none is delayed.
+
+        Callers bound their poll timeouts by it, so delayed messages leave on time.
+        """
+        heads = [queue[0][0] for _, queue in self._delayed.values() if queue]
+        if not heads:
+            return None
+        return max(0.0, min(heads) - time.monotonic())
 
     def check_stalled(self, timeout_s: float) -> None:
         """Raise if a neighbour with a backlog accepted nothing for ``timeout_s`` seconds.
+
+        The clock of a neighbour runs from the later of its last accepted
+        message and the moment its backlog became non-empty; time a message
+        spends inside its emulated delay does not count.
 
         Raises
         ------
@@ -238,13 +352,14 @@ class Transport:
         return frames
 
     def counters(self) -> dict:
-        """Messages and bytes moved so far."""
+        """Messages and bytes moved so far, and messages waiting (backlogs, delay queues)."""
         return {
             "msgs_in": self.msgs_in,
             "msgs_out": self.msgs_out,
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
             "backlog_msgs": self.backlog_msgs,
+            "delayed_msgs": self.delayed_msgs,
         }
 
 
