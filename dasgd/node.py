@@ -126,14 +126,27 @@ class Node:
         Number of classes of the dataset.
     run_dir : Path
         Where the log and the final model are written.
+    adjacency : mapping of int to list of int, optional
+        Every node's neighbours; lets the protocol skip relays the origin makes
+        itself (see :class:`~dasgd.protocol.NodeProtocol`). None: plain flooding.
 
     Notes
     -----
-    ``send``/``on_progress`` hooks let the runtime run without a launcher in tests.
+    ``transport`` and ``log`` are set by :func:`node_main` before :meth:`run`;
+    ``on_progress`` (a callable taking each interval record) is optional.
     """
 
     def __init__(
-        self, config: RunConfig, node_id: int, neighbours, X, y, n_classes: int, run_dir
+        self,
+        config: RunConfig,
+        node_id: int,
+        neighbours,
+        X,
+        y,
+        n_classes: int,
+        run_dir,
+        *,
+        adjacency=None,
     ) -> None:
         self.config = config
         self.node_id = node_id
@@ -170,6 +183,7 @@ class Node:
             tc.send_every,
             n_params=self.n_params,
             dtype=mc.dtype,
+            adjacency=adjacency,
         )
         self.pool = BufferPool(self.n_params, self.dtype)
         self.open_delta = np.zeros(self.n_params, dtype=self.dtype)
@@ -480,7 +494,10 @@ def _build_role(config: RunConfig, node_id: int, run_dir: Path, meta: dict):
     if config.algorithm == "dasgd":
         graph = parse_topology(str(run_dir / "topology.json"), n)
         neighbours = topology_neighbours(graph, node_id)
-        role = Node(config, node_id, neighbours, X, y, meta["n_classes"], run_dir)
+        adjacency = {k: topology_neighbours(graph, k) for k in graph}
+        role = Node(
+            config, node_id, neighbours, X, y, meta["n_classes"], run_dir, adjacency=adjacency
+        )
     else:
         from .ps import Server, Worker
 

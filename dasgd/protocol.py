@@ -61,6 +61,12 @@ class NodeProtocol:
         Length of the model vector (written into delta headers).
     dtype : {"float32", "float64"}
         Parameter dtype (written into delta headers).
+    adjacency : mapping of int to iterable of int, optional
+        Every node's neighbours (the whole topology). With it, a delta (or fin)
+        is not relayed to the origin's own neighbours: the origin sends it to
+        them itself, over links that lose nothing while both ends live. By
+        induction over the distance from the origin every node still receives
+        it; on a complete graph no duplicates remain. Without it: plain flooding.
 
     Attributes
     ----------
@@ -89,6 +95,7 @@ class NodeProtocol:
         *,
         n_params: int,
         dtype: str = "float64",
+        adjacency=None,
     ) -> None:
         self.node_id = node_id
         self.neighbours = tuple(sorted(neighbours))
@@ -98,6 +105,15 @@ class NodeProtocol:
             )
         self.n_nodes = n_nodes
         self.send_every = send_every
+        # relay targets per origin: my neighbours minus the origin and its own neighbours
+        self._relay_to = [
+            tuple(
+                u
+                for u in self.neighbours
+                if u != k and (adjacency is None or u not in set(adjacency[k]))
+            )
+            for k in range(n_nodes)
+        ]
         self.n_params = n_params
         self.dtype = dtype
         self.vv = np.zeros(n_nodes, dtype=np.int64)
@@ -257,7 +273,7 @@ class NodeProtocol:
         return True, self._relay(header)
 
     def _relay(self, header: Header) -> Outgoing | None:
-        to = tuple(u for u in self.neighbours if u != header.sender and u != header.origin)
+        to = tuple(u for u in self._relay_to[header.origin] if u != header.sender)
         if not to:
             return None
         return Outgoing(header.replace_sender(self.node_id, self.vv.copy()), to)

@@ -105,11 +105,15 @@ def test_staleness_helpers_by_hand():
     assert model_lag(np.array([4, 1, 0]), np.array([2, 3, 0])) == (2, 4)
 
 
-def _simulate(graph, n_steps, send_every, seed, d=5):
+def _simulate(graph, n_steps, send_every, seed, d=5, pruned=True, duplicate_p=0.1):
     """Random interleaving of steps and deliveries of n protocols with real arithmetic."""
     rng = np.random.default_rng(seed)
     n = graph.number_of_nodes()
-    protos = [NodeProtocol(i, neighbours(graph, i), n, send_every, n_params=d) for i in range(n)]
+    adjacency = {k: neighbours(graph, k) for k in graph} if pruned else None
+    protos = [
+        NodeProtocol(i, neighbours(graph, i), n, send_every, n_params=d, adjacency=adjacency)
+        for i in range(n)
+    ]
     x0 = rng.normal(size=d)
     models = [x0.copy() for _ in range(n)]
     open_delta = [np.zeros(d) for _ in range(n)]
@@ -161,7 +165,7 @@ def _simulate(graph, n_steps, send_every, seed, d=5):
         q = queues[link]
         # mostly FIFO, sometimes out of order, sometimes duplicated
         k = int(rng.integers(len(q))) if rng.random() < 0.3 else 0
-        header, payload = q[k] if rng.random() < 0.1 else q.pop(k)
+        header, payload = q[k] if rng.random() < duplicate_p else q.pop(k)
         apply, fwd = protos[link[1]].receive(header)
         if apply:
             models[link[1]] += payload
@@ -182,9 +186,10 @@ def _simulate(graph, n_steps, send_every, seed, d=5):
     ],
 )
 @pytest.mark.parametrize("seed", [0, 1])
-def test_random_interleavings_every_delta_applied_once_and_models_equal(spec, n, b, seed):
+@pytest.mark.parametrize("pruned", [True, False])
+def test_random_interleavings_every_delta_applied_once_and_models_equal(spec, n, b, seed, pruned):
     graph = parse_topology(spec, n, seed=seed)
-    protos, models, reference = _simulate(graph, n_steps=7, send_every=b, seed=seed)
+    protos, models, reference = _simulate(graph, n_steps=7, send_every=b, seed=seed, pruned=pruned)
     for p, x in zip(protos, models, strict=True):
         assert p.complete and p.can_stop
         assert p.vv.tolist() == [7] * n
@@ -227,3 +232,11 @@ def test_window_base_is_the_model_the_first_gradient_saw():
     n1b.local_step()
     n1b.receive(d0)
     assert n1b.staleness.staleness.max == 0
+
+
+def test_pruned_relay_sends_no_duplicates_on_a_complete_graph():
+    graph = parse_topology("complete", 5)
+    protos, _, _ = _simulate(graph, n_steps=6, send_every=1, seed=3, duplicate_p=0)
+    assert sum(p.duplicates for p in protos) == 0
+    flooded, _, _ = _simulate(graph, n_steps=6, send_every=1, seed=3, pruned=False, duplicate_p=0)
+    assert sum(p.duplicates for p in flooded) > 0
