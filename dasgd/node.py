@@ -234,8 +234,15 @@ class Node:
                 self.config.n_nodes,
                 dtype=self.config.model.dtype,
                 n_params=self.n_params,
-                check_finite=self.config.transport.check_finite,
+                check_finite=False,
             )
+            # the payload pass only for deltas that will be applied: duplicates are dropped unread
+            if (
+                self.config.transport.check_finite
+                and delta is not None
+                and self.protocol.is_new_delta(header)
+            ):
+                wire.check_finite_array(header, delta)
             apply, forward = self.protocol.receive(header)
         except WireError as exc:
             self.malformed += 1
@@ -355,7 +362,7 @@ class Node:
             now = time.monotonic()
             if now - self._interval_t >= log_every_s:
                 self._interval(now, "train")
-                self.evaluate(now)
+            self.evaluate(now)
         self.train_s = time.monotonic() - t_start
         self._interval(time.monotonic(), "train")
 

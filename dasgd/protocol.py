@@ -272,6 +272,14 @@ class NodeProtocol:
         self._mark_seen(origin, header.seq)
         return True, self._relay(header)
 
+    def is_new_delta(self, header: Header) -> bool:
+        """True if ``header`` is a delta this node has not applied (a query; changes nothing)."""
+        return (
+            header.kind == "delta"
+            and header.origin != self.node_id
+            and not self._seen(header.origin, header.seq)
+        )
+
     def _relay(self, header: Header) -> Outgoing | None:
         to = tuple(u for u in self._relay_to[header.origin] if u != header.sender)
         if not to:

@@ -356,7 +356,7 @@ class Server(_Role):
         now = time.monotonic()
         if now - self._interval_t >= self.config.log_interval_s:
             self._interval(now)
-            self.evaluate(now)
+        self.evaluate(now)
 
     def _interval(self, now: float) -> None:
         self._progress(now, phase="train", **self._interval_tau.as_dict("tau"))

@@ -79,6 +79,7 @@ __all__ = [
     "VV_KINDS",
     "WIRE_VERSION",
     "Header",
+    "check_finite_array",
     "decode",
     "decode_header",
     "encode_header",
@@ -269,10 +270,22 @@ def decode(
     if buffer.nbytes != expected:
         raise WireError(f"delta frame has {buffer.nbytes} bytes, expected {expected}")
     delta = np.frombuffer(buffer, dtype=np.dtype(dtype).newbyteorder("<"))
-    # one reduction instead of a boolean temporary: NaN or inf anywhere makes the sum non-finite
-    if check_finite and not math.isfinite(float(np.add.reduce(delta, dtype=np.float64))):
-        raise WireError(f"{header.kind} {header.origin}:{header.seq} contains NaN or inf")
+    if check_finite:
+        check_finite_array(header, delta)
     return header, delta
+
+
+def check_finite_array(header: Header, array: np.ndarray) -> None:
+    """Raise :class:`~dasgd.errors.WireError` if ``array`` holds NaN or inf.
+
+    One reduction instead of a boolean temporary: NaN or inf anywhere makes the
+    sum non-finite (so does an overflowing sum of huge finite values, which
+    would wreck a model as surely). Callers that may drop the message anyway
+    (a duplicate delta) decode with ``check_finite=False`` and call this only
+    for messages they will use.
+    """
+    if not math.isfinite(float(np.add.reduce(array, dtype=np.float64))):
+        raise WireError(f"{header.kind} {header.origin}:{header.seq} contains NaN or inf")
 
 
 def _as_bytes(frame) -> bytes:
