@@ -31,7 +31,7 @@ import numpy as np
 
 from .errors import WireError
 from .staleness import StalenessTracker, apply_staleness, model_lag
-from .wire import Header
+from .wire import VV_KINDS, Header
 
 __all__ = ["NodeProtocol", "Outgoing"]
 
@@ -230,10 +230,15 @@ class NodeProtocol:
         Raises
         ------
         WireError
-            If the sender is not a neighbour, or the message contradicts what the
-            origin announced (a delta beyond its ``fin``). Nothing is changed.
+            If the kind is not a DASGD kind, the sender is not a neighbour, or
+            the message contradicts what the origin announced (a delta beyond
+            its ``fin``). Nothing is changed.
         """
         sender = header.sender
+        if header.kind not in VV_KINDS:
+            raise WireError(
+                f"{header.kind} message from node {sender}: DASGD nodes take only {', '.join(VV_KINDS)}"
+            )
         if sender not in self.staleness.edge_lag:
             raise WireError(
                 f"message from node {sender}, which is not a neighbour of {self.node_id}"

@@ -240,3 +240,15 @@ def test_pruned_relay_sends_no_duplicates_on_a_complete_graph():
     assert sum(p.duplicates for p in protos) == 0
     flooded, _, _ = _simulate(graph, n_steps=6, send_every=1, seed=3, pruned=False, duplicate_p=0)
     assert sum(p.duplicates for p in flooded) > 0
+
+
+@pytest.mark.parametrize("kind", ["grad", "model", "stop"])
+def test_parameter_server_kinds_are_rejected(kind):
+    n1 = proto(1, [0])
+    h = proto(0, [1]).local_step().header
+    foreign = h.__class__(
+        kind, 0, 0, 0, 1, np.zeros(0, np.int64), np.zeros(0, np.int64), "float64", (2,)
+    )
+    with pytest.raises(WireError, match="DASGD nodes take only"):
+        n1.receive(foreign)
+    assert n1.vv.tolist() == [0, 0, 0] and n1.applied_deltas.sum() == 0
