@@ -166,7 +166,9 @@ class Node:
         )
         self.n_params = self.model.n_params
         self.params = self.model.init_params(seed=tc.seed, dtype=self.dtype)
-        self.delta_sum = np.zeros(self.n_params, dtype=np.float64)
+        self._x0 = self.params.copy()
+        # in the model's dtype: a float64 sum of float32 deltas doubles the cost of sealing
+        self.delta_sum = np.zeros(self.n_params, dtype=self.dtype)
         self.optimizer = build_optimizer(
             tc.optimizer, self.n_params, tc.lr, momentum=tc.momentum, dtype=self.dtype
         )
@@ -215,16 +217,25 @@ class Node:
         for to in out.to:
             self.transport.send(to, frames)
 
+    def accumulate(self, update: np.ndarray) -> None:
+        """Add one local step's parameter change to the open delta; call before ``local_step``.
+
+        The first step of a window overwrites the buffer, which is therefore
+        never zeroed: after a seal its contents are undefined until then.
+        """
+        if self.protocol.window_steps:
+            self.open_delta += update
+        else:
+            np.copyto(self.open_delta, update)
+
     def _seal_and_send(self, out: Outgoing) -> None:
         """Send the open delta with ``out``'s header and open a new, zero one."""
         sealed = self.open_delta
         self.delta_sum += sealed
         payload = self.pool.payload(sealed)
-        if isinstance(payload, bytes):  # copied: reuse the buffer
-            sealed.fill(0)
-        else:  # the pool owns it until ZeroMQ lets go
+        if not isinstance(payload, bytes):  # the pool owns it until ZeroMQ lets go
             self.open_delta = self.pool.take()
-            self.open_delta.fill(0)
+        # (a copied buffer is reused as is: a window's first step overwrites it)
         self._send(out, payload)
 
     def _handle(self, frames: list) -> None:
@@ -269,7 +280,7 @@ class Node:
     def _receive_all(self, timeout_s: float = 0.0) -> int:
         """Handle every message waiting (waiting up to ``timeout_s`` for the first)."""
         transport = self.transport
-        if timeout_s > 0 and not transport.poll(timeout_s):
+        if not transport.poll(timeout_s):  # poll(0) is cheaper than a recv that fails
             return 0
         handled = 0
         while (frames := transport.recv()) is not None:
@@ -325,7 +336,6 @@ class Node:
     # -- phases -------------------------------------------------------------
     def train(self) -> None:
         """Take ``total_steps`` local steps, applying and relaying deltas as they arrive."""
-        tc = self.config.transport
         log_every_s = self.config.log_interval_s
         model, optimizer, sampler, protocol, transport = (
             self.model,
@@ -336,6 +346,7 @@ class Node:
         )
         X, y, params, grad = self.X, self.y, self.params, self._grad
         slowdown = self.slowdown if self.slowdown.factor > 1 else None
+        alone = not self.neighbours
         t_start = time.monotonic()
         self._interval_t = t_start
         self.evaluate(t_start, force=True)
@@ -345,18 +356,21 @@ class Node:
             if slowdown is not None:
                 t_iteration = time.perf_counter()
             self._receive_all()
-            if transport.has_pending and transport.flush() > tc.max_backlog_msgs:
+            if transport.has_pending and self._backlogged():
                 self._wait_backlog()
             idx = sampler.next_batch()
             loss, _ = model.loss_and_grad(params, X[idx], y[idx], out=grad)
             update = optimizer.update(grad)
             params += update
-            self.open_delta += update
             self._loss_sum += loss
             self._loss_count += 1
-            out = protocol.local_step()
-            if out is not None:
-                self._seal_and_send(out)
+            if alone:  # no neighbours: plain SGD, no delta to keep (delta_sum is params - x0)
+                protocol.local_step()
+            else:
+                self.accumulate(update)
+                out = protocol.local_step()
+                if out is not None:
+                    self._seal_and_send(out)
             if slowdown is not None:  # the whole iteration (receive, apply, step, send) is slower
                 slowdown.after_step(time.perf_counter() - t_iteration)
             now = time.monotonic()
@@ -364,12 +378,22 @@ class Node:
                 self._interval(now, "train")
             self.evaluate(now)
         self.train_s = time.monotonic() - t_start
+        if alone:
+            self.delta_sum = self.params - self._x0
         self._interval(time.monotonic(), "train")
+
+    def _backlogged(self) -> bool:
+        """Flush; True while more than ``max_backlog_msgs`` messages or ``queue_bytes`` wait."""
+        tc = self.config.transport
+        waiting = self.transport.flush()
+        return waiting > tc.max_backlog_msgs or (
+            waiting > 0 and self.transport.backlog_bytes > tc.queue_bytes
+        )
 
     def _wait_backlog(self) -> None:
         """Backpressure: keep receiving until the backlog is short again (or a neighbour is dead)."""
         tc = self.config.transport
-        while self.transport.flush() > tc.max_backlog_msgs:
+        while self._backlogged():
             self.transport.check_stalled(tc.send_timeout_s)
             self._receive_all(timeout_s=self.transport.wait_cap_s(0.005))
             if self.stop_requested:
@@ -384,10 +408,10 @@ class Node:
         tc = self.config.transport
         t_start = time.monotonic()
         for out in self.protocol.finish():
-            if out.header.kind == "delta":
-                self._seal_and_send(out)
-            else:
+            if out.header.kind != "delta":
                 self._send(out)
+            elif self.neighbours:  # a lone node kept no open delta (see train)
+                self._seal_and_send(out)
         last_message = time.monotonic()
         while True:
             announce = self.protocol.announce_complete()

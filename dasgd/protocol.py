@@ -165,6 +165,11 @@ class NodeProtocol:
             return self._seal()
         return None
 
+    @property
+    def window_steps(self) -> int:
+        """Local steps in the open window (0: the next step opens a new one)."""
+        return self._window_steps
+
     def _seal(self) -> Outgoing:
         header = Header(
             "delta",

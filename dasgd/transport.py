@@ -292,6 +292,13 @@ class Transport:
         return sum(len(b) for b in self._backlog.values())
 
     @property
+    def backlog_bytes(self) -> int:
+        """Bytes of the messages waiting in all backlogs (computed on demand)."""
+        return sum(
+            _nbytes(f) for backlog in self._backlog.values() for frames in backlog for f in frames
+        )
+
+    @property
     def delayed_msgs(self) -> int:
         """Messages inside their emulated delay, in all delay queues."""
         return sum(len(queue) for _, queue in self._delayed.values())
