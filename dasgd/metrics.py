@@ -25,7 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["EventLog", "build_ps_summary", "build_summary", "format_summary", "read_events"]
+__all__ = [
+    "EventLog",
+    "Evaluator",
+    "build_ps_summary",
+    "build_summary",
+    "format_summary",
+    "read_events",
+]
 
 
 class EventLog:
@@ -97,6 +104,48 @@ class EventLog:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class Evaluator:
+    """Logs ``eval`` records (test loss and accuracy of a model) at most every ``interval_s``.
+
+    Parameters
+    ----------
+    model : dasgd.models.Model
+    X_test : ndarray of shape (m, d), the model's dtype
+    y_test : ndarray of shape (m,), int64
+    interval_s : float
+        Least time between two records, in seconds (``force`` overrides it).
+
+    Attributes
+    ----------
+    eval_s : float
+        Time spent evaluating so far, in seconds.
+    """
+
+    def __init__(self, model, X_test: np.ndarray, y_test: np.ndarray, interval_s: float) -> None:
+        self.model = model
+        self.X_test = X_test
+        self.y_test = y_test
+        self.interval_s = interval_s
+        self.eval_s = 0.0
+        self._last_t = -math.inf
+
+    def maybe_log(
+        self, log: EventLog, now: float, step: int, params: np.ndarray, *, force: bool = False
+    ) -> None:
+        """Evaluate ``params`` and log the record if an interval has passed since the last one (or ``force``)."""
+        if not force and now - self._last_t < self.interval_s:
+            return
+        t = time.perf_counter()
+        log.log(
+            "eval",
+            step,
+            test_loss=self.model.loss(params, self.X_test, self.y_test),
+            test_accuracy=self.model.accuracy(params, self.X_test, self.y_test),
+        )
+        self._last_t = now
+        self.eval_s += time.perf_counter() - t
 
 
 def _json_default(value):

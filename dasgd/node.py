@@ -16,7 +16,6 @@ preallocated buffers; the bookkeeping lives in :class:`~dasgd.protocol.NodeProto
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import sys
@@ -32,7 +31,7 @@ from .config import RunConfig, run_config_from_dict
 from .data import BatchSampler, steps_for_epochs
 from .emulation import Slowdown
 from .errors import DasgdError, TransportError, WireError
-from .metrics import EventLog
+from .metrics import Evaluator, EventLog
 from .models import build_model
 from .optim import build_optimizer, delay_adaptive_lr
 from .protocol import NodeProtocol, Outgoing
@@ -206,9 +205,7 @@ class Node:
         self.drain_s = 0.0
         self.drained = False
         self.slowdown = Slowdown(1.0)
-        self.test_set = None  # (X_test, y_test) to log eval records, or None
-        self.eval_s = 0.0
-        self._eval_t = -math.inf
+        self.evaluator: Evaluator | None = None  # logs eval records when set
 
     # -- messages -----------------------------------------------------------
     def _send(self, out: Outgoing, payload=None) -> None:
@@ -314,24 +311,9 @@ class Node:
             self.on_progress(record)
 
     def evaluate(self, now: float, *, force: bool = False) -> None:
-        """Log an ``eval`` record (test loss and accuracy of this node's model) when due."""
-        interval = self.config.eval_interval_s
-        if (
-            self.test_set is None
-            or interval is None
-            or (not force and now - self._eval_t < interval)
-        ):
-            return
-        t = time.perf_counter()
-        X_test, y_test = self.test_set
-        self.log.log(
-            "eval",
-            self.step,
-            test_loss=self.model.loss(self.params, X_test, y_test),
-            test_accuracy=self.model.accuracy(self.params, X_test, y_test),
-        )
-        self._eval_t = now
-        self.eval_s += time.perf_counter() - t
+        """Log an ``eval`` record of this node's model when one is due."""
+        if self.evaluator is not None:
+            self.evaluator.maybe_log(self.log, now, self.step, self.params, force=force)
 
     # -- phases -------------------------------------------------------------
     def train(self) -> None:
@@ -465,7 +447,7 @@ class Node:
             self.step,
             train_s=self.train_s,
             drain_s=self.drain_s,
-            eval_s=self.eval_s,
+            eval_s=self.evaluator.eval_s if self.evaluator else 0.0,
             slowdown_factor=self.slowdown.factor,
             slept_s=self.slowdown.slept_s,
             gradients_per_s=self.step / self.train_s if self.train_s > 0 else None,
@@ -542,10 +524,10 @@ def _build_role(config: RunConfig, node_id: int, run_dir: Path, meta: dict):
             )
     factors = meta["emulation"]["slowdown_factors"]
     role.slowdown = Slowdown(factors[node_id] if node_id < len(factors) else 1.0)
-    if config.eval_interval_s is not None and hasattr(role, "test_set"):
-        role.test_set = (
-            np.load(data / "test-X.npy").astype(role.dtype, copy=False),
-            np.load(data / "test-y.npy"),
+    if config.eval_interval_s is not None and hasattr(role, "evaluator"):
+        X_test = np.load(data / "test-X.npy").astype(role.dtype, copy=False)
+        role.evaluator = Evaluator(
+            role.model, X_test, np.load(data / "test-y.npy"), config.eval_interval_s
         )
     return role, neighbours
 

@@ -283,10 +283,8 @@ class Server(_Role):
         self.gradients_per_worker = [0] * self.n_workers
         self._interval_tau = RunningStat()
         self.in_flight_tau: list[int] = []
-        self.test_set = None
-        self.eval_s = 0.0
+        self.evaluator = None  # a metrics.Evaluator logs eval records when set
         self.train_s = 0.0
-        self._eval_t = -np.inf
         self._step_sum = np.zeros(self.n_params, dtype=self.dtype)
 
     @property
@@ -334,23 +332,9 @@ class Server(_Role):
             self.dropped += 1
 
     def evaluate(self, now: float, *, force: bool = False) -> None:
-        interval = self.config.eval_interval_s
-        if (
-            self.test_set is None
-            or interval is None
-            or (not force and now - self._eval_t < interval)
-        ):
-            return
-        t = time.perf_counter()
-        X_test, y_test = self.test_set
-        self.log.log(
-            "eval",
-            self.version,
-            test_loss=self.model.loss(self.x, X_test, y_test),
-            test_accuracy=self.model.accuracy(self.x, X_test, y_test),
-        )
-        self._eval_t = now
-        self.eval_s += time.perf_counter() - t
+        """Log an ``eval`` record of the server's model when one is due."""
+        if self.evaluator is not None:
+            self.evaluator.maybe_log(self.log, now, self.version, self.x, force=force)
 
     def _tick(self) -> None:
         now = time.monotonic()
@@ -455,7 +439,7 @@ class Server(_Role):
             updates_applied=self.applied,
             gradients_dropped=self.dropped,
             train_s=self.train_s,
-            eval_s=self.eval_s,
+            eval_s=self.evaluator.eval_s if self.evaluator else 0.0,
             malformed=self.malformed,
             optimizer=self.optimizer.state_dict(),
             delay_rule=self.config.train.delay_rule,
