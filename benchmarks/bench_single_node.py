@@ -1,0 +1,612 @@
+"""One dasgd node against a plain numpy SGD loop on the same MLP and data.
+
+Target (from the issue): a single dasgd node's steps/s is at least 0.9 of a
+plain, hand-written numpy SGD loop's on the same MLP and mini-batches.
+
+Competitors, run side by side in one process and interleaved: every repetition
+runs ``loop`` and ``node`` back to back, in alternating order, so a slow phase
+of the machine hits both alike. The verdict uses the median over repetitions of
+the per-repetition ratio node/loop ("paired"); the ratio of the medians is
+printed beside it.
+
+``loop``
+    A self-contained numpy MLP (``d -> hidden... -> C``, relu, softmax
+    cross-entropy) with preallocated work buffers, doing forward, backward and
+    ``W -= lr * g`` on mini-batches of a fresh permutation each epoch, the way
+    a careful user writes it without dasgd. It calls no dasgd model code; its
+    gradient is checked once against :class:`dasgd.models.MLP` before timing.
+``node``
+    The real runtime loop :meth:`dasgd.node.Node.train` of a node without
+    neighbours (``n_nodes=1``), built in-process with a real ipc transport and
+    event log. Only ``train()`` is timed (construction is not).
+``cli`` (information; the first ``--cli-reps`` repetitions; ``--no-cli`` skips it)
+    ``dasgd run -n 1`` end to end, wall time of the whole command including
+    interpreter start, dataset loading, launching, the final evaluation and the
+    summary; its steps/s is ``steps / wall``. ``cli-train`` is the same run's
+    ``steps / train_s`` as its node process recorded it.
+
+Every process gets ``OPENBLAS_NUM_THREADS=1`` (and OMP/MKL): BLAS threads are
+not part of the comparison. Results go to ``benchmarks/results/bench_single_node.json``.
+
+Usage::
+
+    python benchmarks/bench_single_node.py                  # ~50 s on 2 cores
+    python benchmarks/bench_single_node.py --reps 11 --steps 10000 400
+    python benchmarks/bench_single_node.py --hidden 256 --steps 3000 --no-cli
+"""
+
+from __future__ import annotations
+
+import os
+
+THREAD_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+os.environ.update(THREAD_ENV)  # before numpy is imported, here and in every child
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import timeit  # noqa: E402
+from datetime import datetime, timezone  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+from common import machine_info, report_load, summarize  # noqa: E402
+
+from dasgd.config import ModelConfig, RunConfig, TrainConfig  # noqa: E402
+from dasgd.data import load_dataset  # noqa: E402
+from dasgd.metrics import EventLog  # noqa: E402
+from dasgd.models import build_model  # noqa: E402
+from dasgd.node import Node, queue_limit_msgs  # noqa: E402
+from dasgd.transport import Transport  # noqa: E402
+
+TARGET_RATIO = 0.9
+RESULTS = Path(__file__).resolve().parent / "results" / "bench_single_node.json"
+CLI_TIMEOUT_S = 300.0
+
+
+# ---------------------------------------------------------------------------
+# the honest competitor: a plain numpy MLP trained with SGD
+
+
+class PlainMLP:
+    """Fully connected relu net with softmax cross-entropy, trained by plain SGD.
+
+    Parameters
+    ----------
+    sizes : sequence of int
+        Layer widths ``(d, h_1, ..., h_k, C)``.
+    batch_size : int
+        Rows of every mini-batch (work buffers are allocated for it once).
+    lr : float
+        SGD step size.
+    seed : int
+        Seed of the initial weights (He normal for hidden layers, Glorot
+        uniform for the output layer, zero biases).
+    dtype : numpy dtype
+        Of weights, activations and gradients.
+    """
+
+    def __init__(self, sizes, batch_size: int, lr: float, seed: int, dtype=np.float64) -> None:
+        rng = np.random.default_rng(seed)
+        self.lr = lr
+        shapes = list(zip(sizes[:-1], sizes[1:], strict=True))
+        self.W, self.b = [], []
+        for layer, (fan_in, fan_out) in enumerate(shapes):
+            if layer < len(shapes) - 1:
+                W = rng.normal(0.0, math.sqrt(2.0 / fan_in), size=(fan_in, fan_out))
+            else:
+                limit = math.sqrt(6.0 / (fan_in + fan_out))
+                W = rng.uniform(-limit, limit, size=(fan_in, fan_out))
+            self.W.append(W.astype(dtype))
+            self.b.append(np.zeros(fan_out, dtype))
+        m = batch_size
+        self.acts = [np.empty((m, h), dtype) for h in sizes[1:-1]]
+        self.dacts = [np.empty((m, h), dtype) for h in sizes[1:-1]]
+        self.masks = [np.empty((m, h), bool) for h in sizes[1:-1]]
+        self.logits = np.empty((m, sizes[-1]), dtype)
+        self.sums = np.empty(m, dtype)
+        self.rows = np.arange(m)
+        self.gW = [np.empty_like(W) for W in self.W]
+        self.gb = [np.empty_like(b) for b in self.b]
+
+    @property
+    def n_params(self) -> int:
+        return sum(W.size + b.size for W, b in zip(self.W, self.b, strict=True))
+
+    def loss_and_grad(self, X: np.ndarray, y: np.ndarray) -> float:
+        """Mean cross-entropy on the batch; leaves the gradient in ``gW``/``gb``."""
+        a = X
+        for W, b, z in zip(self.W[:-1], self.b[:-1], self.acts, strict=True):
+            np.matmul(a, W, out=z)
+            z += b
+            np.maximum(z, 0.0, out=z)
+            a = z
+        Z = self.logits
+        np.matmul(a, self.W[-1], out=Z)
+        Z += self.b[-1]
+        Z -= Z.max(axis=1, keepdims=True)
+        z_true = Z[self.rows, y]  # shifted logit of the true class (a copy)
+        np.exp(Z, out=Z)
+        s = Z.sum(axis=1, out=self.sums)
+        loss = float(np.log(s).sum() - z_true.sum()) / len(y)
+        Z /= s[:, None]  # softmax
+        Z[self.rows, y] -= 1.0
+        Z *= 1.0 / len(y)  # dLoss/dZ
+        dZ = Z
+        for layer in range(len(self.W) - 1, -1, -1):
+            a_in = X if layer == 0 else self.acts[layer - 1]
+            np.matmul(a_in.T, dZ, out=self.gW[layer])
+            dZ.sum(axis=0, out=self.gb[layer])
+            if layer == 0:
+                break
+            dA = self.dacts[layer - 1]
+            np.matmul(dZ, self.W[layer].T, out=dA)
+            np.greater(self.acts[layer - 1], 0.0, out=self.masks[layer - 1])
+            dA *= self.masks[layer - 1]
+            dZ = dA
+        return loss
+
+    def step(self, X: np.ndarray, y: np.ndarray) -> float:
+        """One SGD step ``W -= lr * g`` on a batch; returns the batch loss."""
+        loss = self.loss_and_grad(X, y)
+        for p, g in zip(self.W + self.b, self.gW + self.gb, strict=True):
+            g *= self.lr
+            p -= g
+        return loss
+
+    def loss(self, X: np.ndarray, y: np.ndarray) -> float:
+        """Mean cross-entropy on any number of rows (allocates; not for the hot loop)."""
+        a = X
+        for W, b in zip(self.W[:-1], self.b[:-1], strict=True):
+            a = np.maximum(a @ W + b, 0.0)
+        Z = a @ self.W[-1] + self.b[-1]
+        Z -= Z.max(axis=1, keepdims=True)
+        return float(np.mean(np.log(np.exp(Z).sum(axis=1)) - Z[np.arange(len(y)), y]))
+
+    def flat_params(self) -> np.ndarray:
+        """Parameters in dasgd's layout (all weights, then all biases), for checks only."""
+        return np.concatenate([W.ravel() for W in self.W] + self.b)
+
+    def flat_grad(self) -> np.ndarray:
+        return np.concatenate([g.ravel() for g in self.gW] + self.gb)
+
+
+def train_loop(net: PlainMLP, X, y, batch_size: int, steps: int, seed: int) -> float:
+    """``steps`` SGD steps over shuffled full mini-batches; returns the mean loss."""
+    rng = np.random.default_rng(seed)
+    batches_per_epoch = len(y) // batch_size
+    perm, k = rng.permutation(len(y)), 0
+    loss_sum = 0.0
+    for _ in range(steps):
+        if k == batches_per_epoch:
+            perm, k = rng.permutation(len(y)), 0
+        idx = perm[k * batch_size : (k + 1) * batch_size]
+        k += 1
+        loss_sum += net.step(X[idx], y[idx])
+    return loss_sum / steps
+
+
+# ---------------------------------------------------------------------------
+# the three competitors, one repetition each
+
+
+def run_config(hidden, batch_size: int, steps: int, lr: float) -> RunConfig:
+    return RunConfig(
+        n_nodes=1,
+        model=ModelConfig(name="mlp", hidden=tuple(hidden), dtype="float64"),
+        train=TrainConfig(optimizer="sgd", lr=lr, batch_size=batch_size, steps=steps, seed=0),
+    )
+
+
+def time_loop(ds, hidden, args, steps: int, seed: int) -> dict:
+    sizes = (ds.n_features, *hidden, ds.n_classes)
+    net = PlainMLP(sizes, args.batch_size, args.lr, seed=seed)
+    t0 = time.perf_counter()
+    mean_loss = train_loop(net, ds.X_train, ds.y_train, args.batch_size, steps, seed + 1)
+    seconds = time.perf_counter() - t0
+    return {
+        "seconds": seconds,
+        "steps_per_s": steps / seconds,
+        "mean_loss": mean_loss,
+        "final_train_loss": net.loss(ds.X_train, ds.y_train),
+    }
+
+
+def make_node(config: RunConfig, ds, work: Path, tag: str) -> Node:
+    """A node with no neighbours, its ipc inbox bound and its log open (as node_main does)."""
+    node = Node(config, 0, [], ds.X_train, ds.y_train, ds.n_classes, work)
+    nbytes = node.n_params * node.dtype.itemsize
+    node.transport = Transport(
+        0,
+        f"ipc://{work}/{tag}",
+        hwm_msgs=queue_limit_msgs(config.transport, nbytes),
+        max_message_bytes=nbytes + (1 << 16),
+    )
+    try:
+        node.transport.start()
+        node.transport.connect({})
+        node.log = EventLog(work / f"{tag}.jsonl", 0, flush_interval_s=config.log_interval_s).open()
+    except BaseException:
+        close_node(node)
+        raise
+    return node
+
+
+def close_node(node: Node) -> None:
+    if node.transport is not None:
+        node.transport.close(linger_s=0.0)
+    if node.log is not None:
+        node.log.close()
+
+
+def time_node(ds, hidden, args, steps: int, work: Path, tag: str) -> dict:
+    node = make_node(run_config(hidden, args.batch_size, steps, args.lr), ds, work, tag)
+    try:
+        t0 = time.perf_counter()
+        node.train()
+        seconds = time.perf_counter() - t0
+        loss = node.model.loss(node.params, ds.X_train, ds.y_train)
+    finally:
+        close_node(node)
+    return {"seconds": seconds, "steps_per_s": steps / seconds, "final_train_loss": loss}
+
+
+def time_cli(hidden, args, steps: int, work: Path, tag: str) -> dict:
+    """``dasgd run -n 1`` as a child process; wall time of the whole command."""
+    out_dir = work / f"cli-{tag}"
+    cmd = [
+        sys.executable,
+        "-m",
+        "dasgd",
+        "run",
+        "-n",
+        "1",
+        "--dataset",
+        "digits",
+        "--model",
+        "mlp",
+        "--hidden",
+        ",".join(map(str, hidden)),
+        "--dtype",
+        "float64",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        str(args.lr),
+        "--batch-size",
+        str(args.batch_size),
+        "--steps",
+        str(steps),
+        "--out-dir",
+        str(out_dir),
+        "--run-id",
+        "run",
+        "--timeout-s",
+        str(CLI_TIMEOUT_S),
+        "-q",
+    ]
+    env = {**os.environ, **THREAD_ENV}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        output, _ = proc.communicate(timeout=CLI_TIMEOUT_S + 30)
+    finally:
+        stop_child(proc)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"dasgd run exited with {proc.returncode}:\n{output.decode(errors='replace')[-2000:]}"
+        )
+    train_s = None
+    summary = out_dir / "run" / "summary.json"
+    if summary.exists():
+        train_s = _find_number(json.loads(summary.read_text()), "train_s")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return {"seconds": seconds, "steps_per_s": steps / seconds, "node_train_s": train_s}
+
+
+def _find_number(obj, key: str):
+    """First numeric value of ``key`` anywhere in a JSON document (None if absent)."""
+    if isinstance(obj, dict):
+        if isinstance(obj.get(key), int | float):
+            return obj[key]
+        obj = list(obj.values())
+    if isinstance(obj, list):
+        for item in obj:
+            found = _find_number(item, key)
+            if found is not None:
+                return found
+    return None
+
+
+def stop_child(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
+    """SIGTERM the child's process group, wait, then SIGKILL; always reaps."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=grace_s)
+    for stream in (proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
+
+
+# ---------------------------------------------------------------------------
+# checks and explanations (untimed)
+
+
+def gradient_check(ds, hidden, batch_size: int) -> float:
+    """Max |loop gradient - dasgd.models.MLP gradient| on one batch, same parameters."""
+    net = PlainMLP((ds.n_features, *hidden, ds.n_classes), batch_size, 0.1, seed=3)
+    model = build_model("mlp", ds.n_features, ds.n_classes, hidden=tuple(hidden))
+    if net.n_params != model.n_params:
+        raise RuntimeError(f"loop has {net.n_params} parameters, dasgd's mlp {model.n_params}")
+    X, y = ds.X_train[:batch_size], ds.y_train[:batch_size]
+    loss = net.loss_and_grad(X, y)
+    ref_loss, ref_grad = model.loss_and_grad(net.flat_params(), X, y)
+    scale = max(1.0, float(np.abs(ref_grad).max()))
+    err = max(float(np.abs(net.flat_grad() - ref_grad).max()) / scale, abs(loss - ref_loss))
+    if err > 1e-9:
+        raise RuntimeError(f"the loop's gradient differs from dasgd's mlp by {err:.2e}")
+    return err
+
+
+#: step_breakdown entries that together make one node step (no overlaps)
+NODE_STAGES = (
+    "node: X[idx] + model.loss_and_grad",
+    "node: optimizer.update + params += u",
+    "node: _receive_all() (nothing waiting)",
+    "node: open delta += u, local_step, _seal_and_send",
+)
+
+
+def step_breakdown(ds, hidden, args, work: Path) -> dict:
+    """Per-step cost of what Node.train does around the gradient (microseconds, best of 5)."""
+    node = make_node(run_config(hidden, args.batch_size, 50, args.lr), ds, work, "breakdown")
+    try:
+        node.train()  # warm buffers and caches
+        idx = node.sampler.next_batch()
+        yb = node.y[idx]
+        grad, params = node._grad, node.params
+        update = node.optimizer.update(grad)
+        net = PlainMLP((ds.n_features, *hidden, ds.n_classes), args.batch_size, args.lr, 0)
+
+        def add_to_open_delta():
+            node.accumulate(update)
+
+        def seal_and_send():
+            add_to_open_delta()
+            node._seal_and_send(node.protocol.local_step())
+
+        items = {
+            "loop: X[idx] + loss_and_grad + W -= lr*g": lambda: net.step(ds.X_train[idx], yb),
+            "node: X[idx] + model.loss_and_grad": lambda: node.model.loss_and_grad(
+                params, node.X[idx], yb, out=grad
+            ),
+            "node: optimizer.update + params += u": lambda: np.add(
+                params, node.optimizer.update(grad), out=params
+            ),
+            "node: open delta += u": add_to_open_delta,
+            "node: _receive_all() (nothing waiting)": node._receive_all,
+            "node: open delta += u, local_step, _seal_and_send": seal_and_send,
+        }
+        n = max(20, min(2000, int(0.05 / max(1e-6, _once(items[next(iter(items))])))))
+        out = {}
+        for name, fn in items.items():
+            out[name] = min(timeit.repeat(fn, number=n, repeat=5)) / n * 1e6
+        return out
+    finally:
+        close_node(node)
+
+
+def _once(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------
+# driver
+
+
+def bench_config(ds, hidden, steps: int, args, work: Path) -> dict:
+    names = ["loop", "node"] + ([] if args.no_cli or args.cli_reps < 1 else ["cli"])
+    tag = "x".join(map(str, hidden))
+
+    def run(name: str, n_steps: int, rep: int) -> dict:
+        if name == "loop":
+            return time_loop(ds, hidden, args, n_steps, seed=0)
+        if name == "node":
+            return time_node(ds, hidden, args, n_steps, work, f"node-{tag}-{rep}")
+        return time_cli(hidden, args, n_steps, work, f"{tag}-{rep}")
+
+    grad_err = gradient_check(ds, hidden, args.batch_size)
+    n_params = build_model("mlp", ds.n_features, ds.n_classes, hidden=tuple(hidden)).n_params
+    print(
+        f"\nMLP {ds.n_features}-{'-'.join(map(str, hidden))}-{ds.n_classes}: {n_params} parameters "
+        f"(float64), batch {args.batch_size}, {steps} steps per repetition, {args.reps} "
+        f"repetitions; loop gradient = dasgd's to {grad_err:.1e}"
+    )
+    warm = max(20, steps // 10)
+    for name in ("loop", "node"):  # warm-up, not recorded
+        run(name, warm, -1)
+    raw: dict[str, list[dict]] = {name: [] for name in names}
+    for rep in range(args.reps):
+        # loop and node back to back, in alternating order; the cli run after them
+        order = ["loop", "node"] if rep % 2 == 0 else ["node", "loop"]
+        if "cli" in names and rep < args.cli_reps:
+            order.append("cli")
+        for name in order:
+            raw[name].append(run(name, steps, rep))
+        line = "  ".join(f"{n} {raw[n][-1]['steps_per_s']:7.0f}" for n in order)
+        print(f"  rep {rep + 1}/{args.reps}: steps/s  {line}")
+    rates = {name: [r["steps_per_s"] for r in raw[name]] for name in names}
+    if "cli" in raw and all(r["node_train_s"] for r in raw["cli"]):
+        rates["cli-train"] = [steps / r["node_train_s"] for r in raw["cli"]]
+    paired = [n / lo for n, lo in zip(rates["node"], rates["loop"], strict=True)]
+    result = {
+        "hidden": list(hidden),
+        "n_params": n_params,
+        "steps": steps,
+        "gradient_max_abs_diff": grad_err,
+        "steps_per_s": {name: summarize(values) for name, values in rates.items()},
+        "ratio_node_over_loop": statistics.median(rates["node"]) / statistics.median(rates["loop"]),
+        "paired_ratio_node_over_loop": summarize(paired),
+        "final_train_loss": {
+            name: statistics.median(r["final_train_loss"] for r in raw[name])
+            for name in ("loop", "node")
+        },
+        "raw": raw,
+    }
+    final = result["final_train_loss"]
+    print(
+        f"  training loss on all {ds.n_train} samples after {steps} steps (median): "
+        f"loop {final['loop']:.4f}, node {final['node']:.4f}"
+    )
+    if args.breakdown:
+        result["step_breakdown_us"] = step_breakdown(ds, hidden, args, work)
+    return result
+
+
+def print_table(results: list[dict]) -> None:
+    print(
+        "\nsteps/s (median [min..max]); ratio = median(competitor) / median(loop); "
+        "paired = median of per-repetition node/loop (the two ran back to back: the verdict "
+        "uses it);\ncli = `dasgd run -n 1`, steps / wall "
+        "time of the whole command; cli-train = steps / train_s of that run's node"
+    )
+    head = f"{'model':>16} {'params':>9} {'competitor':>10} {'steps/s':>9} {'range':>17}"
+    head += f" {'ratio':>7} {'paired [min..max]':>20}  target"
+    print(head)
+    print("-" * len(head))
+    for res in results:
+        model = "-".join(map(str, res["hidden"]))
+        for name, s in res["steps_per_s"].items():
+            ratio = paired = verdict = ""
+            if name == "node":
+                p = res["paired_ratio_node_over_loop"]
+                ratio = f"{res['ratio_node_over_loop']:.3f}"
+                paired = f"{p['median']:.3f} [{p['min']:.3f}..{p['max']:.3f}]"
+                ok = p["median"] >= TARGET_RATIO
+                verdict = f"paired >= {TARGET_RATIO}: {'MET' if ok else 'NOT MET'}"
+            elif name in ("cli", "cli-train"):
+                ratio = f"{s['median'] / res['steps_per_s']['loop']['median']:.3f}"
+                paired = "(whole command)" if name == "cli" else "(node's train_s)"
+            rng = f"[{s['min']:.0f}..{s['max']:.0f}]"
+            print(
+                f"{model:>16} {res['n_params']:>9} {name:>10} {s['median']:>9.0f} {rng:>17}"
+                f" {ratio:>7} {paired:>20}  {verdict}"
+            )
+    for res in results:
+        if "step_breakdown_us" in res:
+            print(f"\nper-step cost, MLP hidden {res['hidden']} (us, best of 5 timeit runs):")
+            costs = res["step_breakdown_us"]
+            for name, us in costs.items():
+                print(f"  {name:<52} {us:9.1f}")
+            node_sum = sum(costs[k] for k in NODE_STAGES)
+            loop_us = 1e6 / res["steps_per_s"]["loop"]["median"]
+            node_us = 1e6 / res["steps_per_s"]["node"]["median"]
+            print(
+                f"  node stages summed: {node_sum:.0f} us; measured per step in train(): "
+                f"{node_us:.0f} us (loop: {loop_us:.0f} us);\n  the difference is train()'s "
+                "own Python and effects the isolated timings do not see (caches, threads)"
+            )
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--hidden",
+        nargs="+",
+        default=["256", "1024,1024"],
+        help="MLP hidden sizes, one spec per model, e.g. 256 1024,1024 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--steps",
+        nargs="+",
+        type=int,
+        default=[2000, 80],
+        help="steps per repetition, one per --hidden spec (default: %(default)s)",
+    )
+    p.add_argument("--reps", type=int, default=7, help="repetitions (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64, help="(default: %(default)s)")
+    p.add_argument("--lr", type=float, default=0.05, help="SGD step size (default: %(default)s)")
+    p.add_argument("--no-cli", action="store_true", help="skip the `dasgd run -n 1` row")
+    p.add_argument(
+        "--cli-reps",
+        type=int,
+        default=3,
+        help="repetitions of the `dasgd run -n 1` row (default: %(default)s)",
+    )
+    p.add_argument(
+        "--no-breakdown", dest="breakdown", action="store_false", help="skip the per-step costs"
+    )
+    p.add_argument("--out", type=Path, default=RESULTS, help="JSON results file")
+    args = p.parse_args(argv)
+    if len(args.steps) != len(args.hidden):
+        p.error(f"--steps needs one value per --hidden spec ({len(args.hidden)})")
+    try:
+        args.hidden = [tuple(int(h) for h in spec.split(",")) for spec in args.hidden]
+    except ValueError:
+        p.error(f"--hidden specs are comma-separated integers, got {args.hidden}")
+    if args.reps < 1 or min(args.steps) < 1 or args.batch_size < 1:
+        p.error("--reps, --steps and --batch-size must be >= 1")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    load_before = os.getloadavg()[0]
+    ds = load_dataset("digits")
+    print(
+        f"digits: {ds.n_train} training samples x {ds.n_features} features, {ds.n_classes} "
+        f"classes, standardized; {os.cpu_count()} cores; {THREAD_ENV}"
+    )
+    work = Path(tempfile.mkdtemp(prefix="dbn-", dir="/tmp"))
+    try:
+        results = [
+            bench_config(ds, hidden, steps, args, work)
+            for hidden, steps in zip(args.hidden, args.steps, strict=True)
+        ]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print_table(results)
+    load_after = report_load(load_before)
+    doc = {
+        "benchmark": "bench_single_node",
+        "target": f"node steps/s >= {TARGET_RATIO} x plain numpy loop steps/s",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "env": THREAD_ENV,
+        "load_average_1min": {"before": load_before, "after": load_after},
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "dataset": {"name": "digits", "n_train": ds.n_train, "n_features": ds.n_features},
+        "results": results,
+        "wall_s": time.perf_counter() - t_start,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=1))
+    print(f"\nwrote {args.out} ({doc['wall_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
