@@ -282,3 +282,23 @@ def test_malformed_messages_are_counted_and_dropped(tmp_path):
         and any("version" in r for r in reasons)
     )
     assert "exactly once at every node: yes" in out.decode()
+
+
+def test_latency_and_straggler_runs_still_drain_to_equal_models(tmp_path):
+    from dasgd.config import EmulationConfig
+
+    cfg = config(
+        tmp_path,
+        n_nodes=4,
+        topology=TopologyConfig("ring"),
+        emulation=EmulationConfig(slowdown="1:3", latency="0.002,0-3:0.03"),
+        train=TrainConfig(steps=40, lr=0.05, batch_size=16, send_every=2),
+    )
+    run_dir, summary = run(cfg, progress=False)
+    check_drained_run(run_dir, summary, 4)
+    emulation = summary["emulation"]
+    assert emulation["slowdown_factors"] == [1.0, 3.0, 1.0, 1.0]
+    assert emulation["latency_s"]["0-3"] == emulation["latency_s"]["3-0"] == 0.03
+    assert emulation["latency_s"]["1-2"] == 0.002
+    finals = [read_events(run_dir / f"node-{i}.jsonl", "final")[0] for i in range(4)]
+    assert finals[1]["slept_s"] > 0 and finals[0]["slept_s"] == 0
