@@ -72,7 +72,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import zmq  # noqa: E402
-from common import machine_info, report_load, summarize  # noqa: E402
+from common import close_node, machine_info, report_load, summarize  # noqa: E402
 
 from dasgd import wire  # noqa: E402
 from dasgd.config import ModelConfig, RunConfig, TrainConfig, TransportConfig  # noqa: E402
@@ -165,13 +165,6 @@ def make_node(node_id: int, nbytes: int, kind: str, bind: str, work: Path) -> No
         close_node(node)
         raise
     return node
-
-
-def close_node(node: Node) -> None:
-    if node.transport is not None:
-        node.transport.close(linger_s=1.0)
-    if node.log is not None:
-        node.log.close()
 
 
 # ---------------------------------------------------------------------------

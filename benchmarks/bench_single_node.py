@@ -57,7 +57,7 @@ from datetime import datetime, timezone  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
-from common import machine_info, report_load, summarize  # noqa: E402
+from common import close_node, machine_info, report_load, summarize  # noqa: E402
 
 from dasgd.config import ModelConfig, RunConfig, TrainConfig  # noqa: E402
 from dasgd.data import load_dataset  # noqa: E402
@@ -234,16 +234,9 @@ def make_node(config: RunConfig, ds, work: Path, tag: str) -> Node:
         node.transport.connect({})
         node.log = EventLog(work / f"{tag}.jsonl", 0, flush_interval_s=config.log_interval_s).open()
     except BaseException:
-        close_node(node)
+        close_node(node, linger_s=0.0)
         raise
     return node
-
-
-def close_node(node: Node) -> None:
-    if node.transport is not None:
-        node.transport.close(linger_s=0.0)
-    if node.log is not None:
-        node.log.close()
 
 
 def time_node(ds, hidden, args, steps: int, work: Path, tag: str) -> dict:
@@ -254,7 +247,7 @@ def time_node(ds, hidden, args, steps: int, work: Path, tag: str) -> dict:
         seconds = time.perf_counter() - t0
         loss = node.model.loss(node.params, ds.X_train, ds.y_train)
     finally:
-        close_node(node)
+        close_node(node, linger_s=0.0)
     return {"seconds": seconds, "steps_per_s": steps / seconds, "final_train_loss": loss}
 
 
@@ -413,7 +406,7 @@ def step_breakdown(ds, hidden, args, work: Path) -> dict:
             out[name] = min(timeit.repeat(fn, number=n, repeat=5)) / n * 1e6
         return out
     finally:
-        close_node(node)
+        close_node(node, linger_s=0.0)
 
 
 def _once(fn) -> float:

@@ -43,3 +43,11 @@ def report_load(load_before: float) -> float:
         + ("  (the machine was busy: figures are noisy)" if load_before > 1.0 else "")
     )
     return load_after
+
+
+def close_node(node, linger_s: float = 1.0) -> None:
+    """Close an in-process benchmark node's transport and log."""
+    if node.transport is not None:
+        node.transport.close(linger_s=linger_s)
+    if node.log is not None:
+        node.log.close()

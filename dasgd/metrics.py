@@ -193,6 +193,17 @@ def _pooled(stats: list[dict], prefix: str) -> dict:
     }
 
 
+def per_class_accuracy(
+    model, params: np.ndarray, X_test: np.ndarray, y_test: np.ndarray, n_classes: int
+) -> list:
+    """Test accuracy of ``params`` on each class (None for a class absent from the test split)."""
+    predictions = model.predict(params, X_test)
+    return [
+        float(np.mean(predictions[y_test == c] == c)) if np.any(y_test == c) else None
+        for c in range(n_classes)
+    ]
+
+
 def build_summary(
     run_dir,
     *,
@@ -277,11 +288,7 @@ def build_summary(
         for j in range(n)
         if j != i
     )
-    predictions = model.predict(average, X_test)
-    per_class = [
-        float(np.mean(predictions[y_test == c] == c)) if np.any(y_test == c) else None
-        for c in range(n_classes)
-    ]
+    per_class = per_class_accuracy(model, average, X_test, y_test, n_classes)
     train_s = max(f["train_s"] for f in finals)
     run = {
         "n_nodes": n,
@@ -374,11 +381,7 @@ def build_ps_summary(
                 "slowdown_factor": w["slowdown_factor"],
             }
         )
-    predictions = model.predict(x, X_test)
-    per_class = [
-        float(np.mean(predictions[y_test == c] == c)) if np.any(y_test == c) else None
-        for c in range(n_classes)
-    ]
+    per_class = per_class_accuracy(model, x, X_test, y_test, n_classes)
     accuracy = model.accuracy(x, X_test, y_test)
     loss = model.loss(x, X_test, y_test)
     run = {
