@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -305,10 +306,12 @@ def main(argv=None) -> int:
         "machine": {"cpus": os.cpu_count()},
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
+    payload["runs_removed"] = runs_dir
+    shutil.rmtree(runs_dir, ignore_errors=True)
     (out / "bench_baselines.json").write_text(json.dumps(payload, indent=1) + "\n")
     (out / "bench_baselines.md").write_text(markdown(results, args.target_loss) + "\n")
     if plot(results, ns, args.target_loss, out / "bench_baselines.png"):
-        print(f"\nwrote {out / 'bench_baselines.json'}, .md and .png (runs in {runs_dir})")
+        print(f"\nwrote {out / 'bench_baselines.json'}, .md and .png")
     return 0
 
 

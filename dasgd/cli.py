@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -30,7 +31,7 @@ from .config import (
     TrainConfig,
     TransportConfig,
 )
-from .errors import ConfigError, DasgdError
+from .errors import ConfigError, DasgdError, NodeFailed
 
 __all__ = ["build_parser", "config_from_args", "main"]
 
@@ -321,6 +322,12 @@ def _default_nodes(nodes: int | None, spec: str) -> int | None:
     return None
 
 
+def _mib_to_bytes(mib: float) -> int:
+    if not (math.isfinite(mib) and mib > 0):
+        raise ConfigError(f"queue size must be a number of MiB > 0, got {mib!r} (--queue-mib)")
+    return max(1, int(mib * 2**20))
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """Turn parsed ``dasgd run`` arguments into a validated :class:`RunConfig`.
 
@@ -366,7 +373,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             host=args.host,
             base_port=args.base_port,
             hwm_msgs=args.hwm,
-            queue_bytes=int(args.queue_mib * 2**20),
+            queue_bytes=_mib_to_bytes(args.queue_mib),
             max_backlog_msgs=args.max_backlog,
             send_timeout_s=args.send_timeout_s,
             ready_timeout_s=args.ready_timeout_s,
@@ -393,6 +400,12 @@ def _cmd_run(args) -> int:
     run_dir, summary = run(config, progress=not args.quiet)
     print(format_summary(summary))
     print(f"\nrun directory: {run_dir}")
+    undrained = [n["node"] for n in summary["nodes"] if n.get("drained") is False]
+    if undrained:
+        raise NodeFailed(
+            f"node(s) {undrained} stopped draining before every delta arrived (--drain-timeout-s); "
+            f"the final models differ; logs in {run_dir}"
+        )
     return 0
 
 
@@ -408,7 +421,14 @@ def _cmd_summary(args) -> int:
         summary = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    try:
+        table = format_summary(summary)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{path} is not a dasgd summary (missing or malformed {exc})") from None
+    print(table)
     return 0
 
 

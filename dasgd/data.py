@@ -222,6 +222,11 @@ def load_dataset(
         scaler = StandardScaler().fit(X_train)
         X_train = scaler.transform(X_train)
         X_test = scaler.transform(X_test)
+        if not (np.isfinite(X_train).all() and np.isfinite(X_test).all()):
+            raise DataError(
+                f"dataset {label!r} has features too large to standardize (values near the float64 limit): "
+                "rescale them or use --no-standardize"
+            )
 
     return Dataset(
         name=label,

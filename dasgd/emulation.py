@@ -49,6 +49,10 @@ __all__ = [
 
 #: Largest slowdown factor a random profile draws.
 MAX_FACTOR = 20.0
+#: Largest slowdown factor a spec may name.
+MAX_EXPLICIT_FACTOR = 1000.0
+#: Largest one-way link latency a spec may name, in seconds.
+MAX_LATENCY_S = 10.0
 _SLEEP_QUANTUM_S = 1e-3
 
 
@@ -63,7 +67,8 @@ def _number(text: str, what: str, spec: str, flag: str) -> float:
 
 
 def _node(text: str, spec: str, flag: str) -> int:
-    if not text.strip().isdigit():
+    text = text.strip()
+    if not (text.isascii() and text.isdigit()):
         raise ConfigError(f"node {text!r} in {spec!r} must be a node id >= 0 ({flag})")
     return int(text)
 
@@ -105,8 +110,10 @@ def parse_slowdown(spec: str) -> dict:
                 f"slowdown item {item!r} in {spec!r}: expected NODE:FACTOR (e.g. 2:4) or random:SEED ({flag})"
             )
         f = _number(factor, "factor", spec, flag)
-        if f < 1:
-            raise ConfigError(f"slowdown factor {f} in {spec!r} must be >= 1 ({flag})")
+        if not 1 <= f <= MAX_EXPLICIT_FACTOR:
+            raise ConfigError(
+                f"slowdown factor {f} in {spec!r} must be in 1..{MAX_EXPLICIT_FACTOR:g} ({flag})"
+            )
         factors[_node(node, spec, flag)] = f
     return {"kind": "nodes", "factors": factors}
 
@@ -156,8 +163,10 @@ def parse_latency(spec: str) -> dict:
     for k, item in enumerate(spec.split(",")):
         link, sep, seconds = item.rpartition(":")
         value = _number(seconds, "latency", spec, flag)
-        if value < 0:
-            raise ConfigError(f"latency {value} in {spec!r} must be >= 0 seconds ({flag})")
+        if not 0 <= value <= MAX_LATENCY_S:
+            raise ConfigError(
+                f"latency {value} in {spec!r} must be in 0..{MAX_LATENCY_S:g} seconds ({flag})"
+            )
         if not sep:
             if k != 0:
                 raise ConfigError(

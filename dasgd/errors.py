@@ -34,3 +34,7 @@ class TransportError(DasgdError):
 
 class NodeFailed(DasgdError):
     """A node process of a run failed; the message names the node and its log."""
+
+
+class Diverged(DasgdError):
+    """A node's loss became NaN or infinite: the step size is too large for this run."""

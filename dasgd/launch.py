@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -62,6 +63,8 @@ _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 def _check_ports_free(host: str, ports: list[int]) -> None:
     for node, port in enumerate(ports):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            # as ZeroMQ does: a port in TIME-WAIT from an earlier run is free to bind
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind((host, port))
             except OSError as exc:
@@ -131,21 +134,42 @@ def prepare_run(config: RunConfig) -> tuple[RunConfig, Path, dict]:
     )
     tc = config.transport
     if tc.kind == "tcp" and tc.base_port:
-        if tc.base_port + n - 1 > 65535:
+        if tc.base_port + n + ps - 1 > 65535:
             raise ConfigError(f"base port {tc.base_port} + {n} nodes exceeds 65535 (--base-port)")
         _check_ports_free(tc.host, [tc.base_port + i for i in range(n + ps)])
 
     run_id = config.run_id or (
         f"{datetime.now():%Y%m%d-%H%M%S}-{config.algorithm}-n{n}-{uuid.uuid4().hex[:4]}"
     )
+    # everything that can be a user mistake is checked before anything is written
+    emulation = {
+        "slowdown": config.emulation.slowdown,
+        "slowdown_factors": resolve_slowdown(config.emulation.slowdown, n),
+        "latency": config.emulation.latency,
+        "latency_s": {
+            f"{u}-{v}": d
+            for (u, v), d in sorted(resolve_latency(config.emulation.latency, graph.edges).items())
+        },
+    }
+    try:
+        x0 = model.init_params(seed=config.train.seed, dtype=np.dtype(mc.dtype))
+    except MemoryError:
+        raise ConfigError(
+            f"model {mc.name} with hidden {list(mc.hidden)} has {model.n_params} parameters: "
+            "too large for this machine's memory (--hidden)"
+        ) from None
     run_dir = Path(config.out_dir) / run_id
     if run_dir.exists():
         raise ConfigError(f"run directory {run_dir} already exists: choose another --run-id")
     config = config.replace(n_nodes=n, run_id=run_id)
-    (run_dir / "data").mkdir(parents=True)
+    try:
+        (run_dir / "data").mkdir(parents=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create the run directory {run_dir}: {exc.strerror} (--out-dir)"
+        ) from None
     (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     save_topology(graph, run_dir / "topology.json")
-    x0 = model.init_params(seed=config.train.seed, dtype=np.dtype(mc.dtype))
     np.save(run_dir / "x0.npy", x0)
     for i, idx in enumerate(shards):
         np.save(run_dir / "data" / f"shard-{i}-X.npy", dataset.X_train[idx])
@@ -166,17 +190,7 @@ def prepare_run(config: RunConfig) -> tuple[RunConfig, Path, dict]:
         ],
         "model": model.describe(),
         "topology": {"parameter_server": n, "n_workers": n} if ps else describe_topology(graph),
-        "emulation": {
-            "slowdown": config.emulation.slowdown,
-            "slowdown_factors": resolve_slowdown(config.emulation.slowdown, n),
-            "latency": config.emulation.latency,
-            "latency_s": {
-                f"{u}-{v}": d
-                for (u, v), d in sorted(
-                    resolve_latency(config.emulation.latency, graph.edges).items()
-                )
-            },
-        },
+        "emulation": emulation,
     }
     (run_dir / "data" / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return (
@@ -348,6 +362,11 @@ def run(config: RunConfig, *, progress: bool = True) -> tuple[Path, dict]:
     )
     errors: dict[int, str] = {}
     t_start = time.monotonic()
+
+    def on_sigterm(signum, frame):  # `kill`, `timeout`, a scheduler's cancel: stop like Ctrl-C
+        raise KeyboardInterrupt
+
+    previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         for i in range(n_procs):
             err = (run_dir / f"{names[i]}.stderr").open("wb")
@@ -446,6 +465,7 @@ def run(config: RunConfig, *, progress: bool = True) -> tuple[Path, dict]:
                 )
         wall_s = time.monotonic() - t_start
     finally:
+        signal.signal(signal.SIGTERM, previous_handler)
         bar.close()
         stop_processes(procs)
         for f in stderr_files:

@@ -70,7 +70,10 @@ class EventLog:
         return self
 
     def log(self, kind: str, step: int, **fields) -> dict:
-        """Buffer one record; flush when the interval has passed. Returns the record."""
+        """Buffer one record; flush when the interval has passed. Returns the record.
+
+        Non-finite floats (a diverged loss) are written as null: the file stays JSON.
+        """
         now = time.monotonic()
         record = {
             "t_s": round(now - self.t0, 6),
@@ -79,7 +82,11 @@ class EventLog:
             "step": step,
             **fields,
         }
-        self._buffer.append(json.dumps(record, allow_nan=False, default=_json_default))
+        line = {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in record.items()
+        }
+        self._buffer.append(json.dumps(line, allow_nan=False, default=_json_default))
         if now - self._last_flush >= self.flush_interval_s:
             self.flush()
         return record

@@ -16,6 +16,7 @@ preallocated buffers; the bookkeeping lives in :class:`~dasgd.protocol.NodeProto
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
@@ -30,7 +31,7 @@ from . import wire
 from .config import RunConfig, run_config_from_dict
 from .data import BatchSampler, steps_for_epochs
 from .emulation import Slowdown
-from .errors import DasgdError, TransportError, WireError
+from .errors import DasgdError, Diverged, TransportError, WireError
 from .metrics import Evaluator, EventLog
 from .models import build_model
 from .optim import build_optimizer, delay_adaptive_lr
@@ -339,11 +340,17 @@ class Node:
                 t_iteration = time.perf_counter()
             self._receive_all()
             if transport.has_pending and self._backlogged():
-                self._wait_backlog()
+                waited_s = self._wait_backlog()
+                if slowdown is not None:  # waiting is not work a slower machine would stretch
+                    t_iteration += waited_s
             idx = sampler.next_batch()
             loss, _ = model.loss_and_grad(params, X[idx], y[idx], out=grad)
             update = optimizer.update(grad)
             params += update
+            if not math.isfinite(loss):
+                raise Diverged(
+                    f"node {self.node_id} diverged at step {self.step} (loss {loss}): lower --lr"
+                )
             self._loss_sum += loss
             self._loss_count += 1
             if alone:  # no neighbours: plain SGD, no delta to keep (delta_sum is params - x0)
@@ -372,14 +379,22 @@ class Node:
             waiting > 0 and self.transport.backlog_bytes > tc.queue_bytes
         )
 
-    def _wait_backlog(self) -> None:
-        """Backpressure: keep receiving until the backlog is short again (or a neighbour is dead)."""
+    def _wait_backlog(self) -> float:
+        """Backpressure: keep receiving until the backlog is short again (or a neighbour is dead).
+
+        Returns
+        -------
+        float
+            Seconds waited.
+        """
         tc = self.config.transport
+        t = time.perf_counter()
         while self._backlogged():
             self.transport.check_stalled(tc.send_timeout_s)
             self._receive_all(timeout_s=self.transport.wait_cap_s(0.005))
             if self.stop_requested:
                 raise _Terminated
+        return time.perf_counter() - t
 
     def drain(self) -> None:
         """Stop stepping; keep applying and relaying until every node holds every delta.
@@ -395,6 +410,9 @@ class Node:
             elif self.neighbours:  # a lone node kept no open delta (see train)
                 self._seal_and_send(out)
         last_message = time.monotonic()
+        # a message may spend the longest link latency in flight: not silence
+        drain_timeout_s = tc.drain_timeout_s + max(self.transport.latency_s.values(), default=0.0)
+        self.log.flush()
         while True:
             announce = self.protocol.announce_complete()
             if announce is not None:
@@ -409,10 +427,11 @@ class Node:
             now = time.monotonic()
             if self._receive_all(timeout_s=self.transport.wait_cap_s(0.01)):
                 last_message = now
-            elif now - last_message > tc.drain_timeout_s:
+            elif now - last_message > drain_timeout_s:
                 self.log.log(
                     "drain_timeout", self.step, waited_s=now - last_message, **self.protocol.missing
                 )
+                self.log.flush()
                 break
             if now - self._interval_t >= self.config.log_interval_s:
                 self._interval(now, "drain")
@@ -422,7 +441,9 @@ class Node:
             + min(tc.send_timeout_s, 5.0)
             + max(self.transport.latency_s.values(), default=0.0)
         )
-        while self.transport.has_pending and time.monotonic() < deadline:
+        while (
+            self.transport.has_pending and time.monotonic() < deadline and not self.stop_requested
+        ):
             self.transport.flush()
             self._receive_all(timeout_s=self.transport.wait_cap_s(0.005))
         self.drain_s = time.monotonic() - t_start
@@ -470,24 +491,28 @@ def queue_limit_msgs(tc, message_bytes: int) -> int:
     return max(2, min(tc.hwm_msgs, tc.queue_bytes // message_bytes))
 
 
-def _control_send(sock: zmq.Socket, message: dict) -> None:
-    sock.send(msgpack.packb(message, use_bin_type=True))
+def _control_send(sock: zmq.Socket, message: dict, *, droppable: bool = False) -> None:
+    """Send to the launcher; progress reports (``droppable``) are dropped rather than block."""
+    try:
+        sock.send(msgpack.packb(message, use_bin_type=True), flags=zmq.NOBLOCK if droppable else 0)
+    except zmq.Again:
+        pass
 
 
-def _control_recv(sock: zmq.Socket, timeout_s: float, *, parent_pid: int, node_id: int) -> dict:
+def _control_recv(sock: zmq.Socket, timeout_s: float, *, parent_pid: int, should_stop) -> dict:
     deadline = time.monotonic() + timeout_s
     while True:
+        if should_stop():
+            raise _Terminated
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise TransportError(
-                f"node {node_id}: no start from the launcher within {timeout_s:.0f} s"
-            )
+            raise TransportError(f"no start from the launcher within {timeout_s:.0f} s")
         if sock.poll(min(200, int(remaining * 1000) + 1)):
             message = msgpack.unpackb(sock.recv(), raw=False, strict_map_key=False)
             if isinstance(message, dict):
                 return message
         if os.getppid() != parent_pid:
-            raise TransportError(f"node {node_id}: the launcher is gone")
+            raise TransportError("the launcher is gone")
 
 
 def log_name(config: RunConfig, node_id: int) -> str:
@@ -556,6 +581,7 @@ def node_main(run_dir: str, node_id: int, control_address: str) -> int:
     ctx = zmq.Context()
     control = ctx.socket(zmq.DEALER)
     control.setsockopt(zmq.LINGER, 2000)
+    control.setsockopt(zmq.SNDTIMEO, 5000)  # no send to the launcher waits forever
     control.connect(control_address)
     role = None
 
@@ -589,12 +615,13 @@ def node_main(run_dir: str, node_id: int, control_address: str) -> int:
             control, {"kind": "ready", "node": node_id, "address": address, "pid": os.getpid()}
         )
         start = _control_recv(
-            control, tc.ready_timeout_s * 2, parent_pid=parent_pid, node_id=node_id
+            control,
+            tc.ready_timeout_s * 2,
+            parent_pid=parent_pid,
+            should_stop=lambda: role.stop_requested,
         )
         if start.get("kind") != "start":
-            raise TransportError(
-                f"node {node_id}: expected start from the launcher, got {start.get('kind')!r}"
-            )
+            raise TransportError(f"expected start from the launcher, got {start.get('kind')!r}")
         addresses = {int(k): v for k, v in start["addresses"].items()}
         role.transport.connect({u: addresses[u] for u in neighbours})
         name = log_name(config, node_id)
@@ -613,8 +640,8 @@ def node_main(run_dir: str, node_id: int, control_address: str) -> int:
 
             def progress(record):
                 if os.getppid() != parent_pid:
-                    raise TransportError(f"node {node_id}: the launcher is gone")
-                _control_send(control, {"kind": "progress", **record})
+                    raise TransportError("the launcher is gone")
+                _control_send(control, {"kind": "progress", **record}, droppable=True)
 
             role.on_progress = progress
             role.run()
@@ -625,7 +652,8 @@ def node_main(run_dir: str, node_id: int, control_address: str) -> int:
         print(f"node {node_id}: terminated", file=sys.stderr)
         return 143
     except (DasgdError, OSError, ValueError) as exc:
-        print(f"node {node_id}: {exc}", file=sys.stderr)
+        message = str(exc) if str(exc).startswith(f"node {node_id}") else f"node {node_id}: {exc}"
+        print(message, file=sys.stderr)
         try:
             _control_send(control, {"kind": "error", "node": node_id, "message": str(exc)})
         except zmq.ZMQError:

@@ -250,6 +250,10 @@ class NodeProtocol:
             )
         kind = header.kind
         origin = header.origin
+        if kind == "delta" and header.steps > self.send_every:
+            raise WireError(
+                f"delta {origin}:{header.seq} of {header.steps} steps; windows hold at most {self.send_every}"
+            )
         if (
             kind == "delta"
             and origin in self._fin_deltas
@@ -257,6 +261,11 @@ class NodeProtocol:
         ):
             raise WireError(
                 f"delta {origin}:{header.seq} beyond the {self._fin_deltas[origin]} deltas node {origin} announced"
+            )
+        if kind == "fin" and header.seq != -(-header.steps // self.send_every):
+            # every window holds send_every steps but the last: deltas = ceil(steps / b)
+            raise WireError(
+                f"fin of node {origin} announces {header.seq} deltas for {header.steps} steps (b = {self.send_every})"
             )
         lag, loose = model_lag(header.sender_vv, self.vv)
         self.staleness.record_lag(sender, lag, loose)

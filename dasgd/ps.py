@@ -26,6 +26,7 @@ Algorithm 1: the server keeps x, m, v, v_hat; only the gradient is stale).
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -34,7 +35,7 @@ import numpy as np
 from . import wire
 from .data import BatchSampler, steps_for_epochs
 from .emulation import Slowdown
-from .errors import TransportError, WireError
+from .errors import Diverged, TransportError, WireError
 from .models import build_model
 from .node import MAX_MALFORMED_LOGGED, BufferPool, _Terminated
 from .optim import build_optimizer, delay_adaptive_lr
@@ -43,6 +44,8 @@ from .staleness import RunningStat
 __all__ = ["Server", "Worker", "worker_steps"]
 
 _NO_VV = np.zeros(0, np.int64)
+#: A wait for a message this long (seconds) makes the server check that its model is finite.
+IDLE_CHECK_S = 0.5
 
 
 def worker_steps(config, shard_size: int) -> int:
@@ -100,19 +103,22 @@ class _Role:
         TransportError
             If nothing arrives before the deadline (``expect`` names what was awaited).
         """
-        deadline = time.monotonic() + timeout_s
+        start = time.monotonic()
+        deadline = start + timeout_s
+        idle_checked = False
         while True:
             if self.stop_requested:
                 raise _Terminated
             self.transport.flush()
             frames = self.transport.recv()
             if frames is None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TransportError(
-                        f"node {self.node_id}: no {expect} within {timeout_s:.0f} s"
-                    )
-                self.transport.poll(self.transport.wait_cap_s(min(remaining, 0.05)))
+                now = time.monotonic()
+                if now >= deadline:
+                    raise TransportError(f"no {expect} within {timeout_s:.0f} s")
+                if not idle_checked and now - start > IDLE_CHECK_S:
+                    self._on_idle()
+                    idle_checked = True
+                self.transport.poll(self.transport.wait_cap_s(min(deadline - now, 0.05)))
                 continue
             try:
                 header, array = wire.decode(
@@ -132,6 +138,9 @@ class _Role:
 
     def _validate(self, header) -> None:
         raise NotImplementedError
+
+    def _on_idle(self) -> None:
+        """Called once when a wait for a message has lasted ``IDLE_CHECK_S``."""
 
     def _progress(self, now: float, **fields) -> None:
         record = self.log.log(
@@ -206,6 +215,10 @@ class Worker(_Role):
             grad = self.pool.take()
             idx = self.sampler.next_batch()
             loss, _ = self.model.loss_and_grad(self.params, self.X[idx], self.y[idx], out=grad)
+            if not math.isfinite(loss):
+                raise Diverged(
+                    f"worker {self.node_id} diverged at gradient {self.gradients} (loss {loss}): lower --lr"
+                )
             self._loss_sum += loss
             self._loss_count += 1
             payload = self.pool.payload(grad)
@@ -295,6 +308,13 @@ class Server(_Role):
         """What the ``start`` record says about the server."""
         return {"role": "server", "algorithm": self.config.algorithm, "budget": self.budget}
 
+    def _on_idle(self) -> None:
+        # workers reject a non-finite model as malformed and go quiet: say why instead of timing out
+        if not math.isfinite(float(np.dot(self.x, self.x))):
+            raise Diverged(
+                f"the server's model became NaN or inf at version {self.version}: lower --lr"
+            )
+
     def _validate(self, header) -> None:
         if (
             header.kind != "grad"
@@ -366,7 +386,9 @@ class Server(_Role):
             + min(self.config.transport.send_timeout_s, 5.0)
             + max(self.transport.latency_s.values(), default=0.0)
         )
-        while self.transport.has_pending and time.monotonic() < deadline:
+        while (
+            self.transport.has_pending and time.monotonic() < deadline and not self.stop_requested
+        ):
             self.transport.flush()
             self.transport.poll(self.transport.wait_cap_s(0.005))
 

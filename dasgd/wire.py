@@ -68,6 +68,8 @@ ARRAY_KINDS = ("delta", "grad", "model")
 #: kinds that carry the sender's version vector (DASGD)
 VV_KINDS = ("delta", "fin", "complete")
 _NO_VV = np.zeros(0, np.int64)
+#: largest sequence number or step count a header may carry (version vectors are uint32)
+MAX_COUNT = 2**32 - 1
 DTYPES = ("float32", "float64")
 MAX_HEADER_BYTES = 1 << 24
 _VV_DTYPE = np.dtype("<u4")
@@ -201,8 +203,9 @@ def decode_header(raw: bytes, n_nodes: int) -> Header:
         raise WireError(f"unknown message kind {kind!r}, expected one of {', '.join(KINDS)}")
     origin = _int_field(body, "origin", 0, n_nodes - 1)
     sender = _int_field(body, "sender", 0, n_nodes - 1)
-    seq = _int_field(body, "seq", 0)
-    steps = _int_field(body, "steps", 1 if kind in ("delta", "grad") else 0)
+    # counts travel as uint32 in version vectors: larger values are never legitimate
+    seq = _int_field(body, "seq", 0, MAX_COUNT)
+    steps = _int_field(body, "steps", 1 if kind in ("delta", "grad") else 0, MAX_COUNT)
     sender_vv = vv_from_bytes(body.get("sender_vv"), n_nodes) if kind in VV_KINDS else _NO_VV
     if kind not in ARRAY_KINDS:
         return Header(kind, origin, sender, seq, steps, _NO_VV, sender_vv)

@@ -227,8 +227,19 @@ def test_ctrl_c_stops_every_node(tmp_path):
 
 
 def test_malformed_messages_are_counted_and_dropped(tmp_path):
+    # link latency keeps node 1 draining for a while, whatever the machine's speed
     proc = start_command(
-        tmp_path, "-n", "3", "--topology", "path", "--steps", "1500", "--log-interval-s", "0.05"
+        tmp_path,
+        "-n",
+        "3",
+        "--topology",
+        "path",
+        "--steps",
+        "1500",
+        "--log-interval-s",
+        "0.05",
+        "--latency",
+        "0.3",
     )
     try:
         run_dir = tmp_path / "runs" / "r"
@@ -302,3 +313,17 @@ def test_latency_and_straggler_runs_still_drain_to_equal_models(tmp_path):
     assert emulation["latency_s"]["1-2"] == 0.002
     finals = [read_events(run_dir / f"node-{i}.jsonl", "final")[0] for i in range(4)]
     assert finals[1]["slept_s"] > 0 and finals[0]["slept_s"] == 0
+
+
+def test_large_deltas_take_the_zero_copy_path_and_drain(tmp_path):
+    from dasgd.node import ZERO_COPY_BYTES
+
+    cfg = config(
+        tmp_path,
+        n_nodes=3,
+        model=ModelConfig("mlp", hidden=(128,)),  # 9,610 float64 parameters: 77 KB deltas
+        train=TrainConfig(steps=30, lr=0.05, batch_size=16),
+    )
+    run_dir, summary = run(cfg, progress=False)
+    assert summary["model"]["n_params"] * 8 > ZERO_COPY_BYTES
+    check_drained_run(run_dir, summary, 3)

@@ -252,3 +252,19 @@ def test_parameter_server_kinds_are_rejected(kind):
     with pytest.raises(WireError, match="DASGD nodes take only"):
         n1.receive(foreign)
     assert n1.vv.tolist() == [0, 0, 0] and n1.applied_deltas.sum() == 0
+
+
+def test_forged_counts_are_rejected_without_state_change():
+    n0, n1 = proto(0, [1], n=2, b=2), proto(1, [0], n=2, b=2)
+    n0.local_step()
+    d = n0.local_step().header
+    big = d.__class__("delta", 0, 0, 0, 3, d.base_vv, d.sender_vv, d.dtype, d.shape)  # 3 > b = 2
+    with pytest.raises(WireError, match="at most 2"):
+        n1.receive(big)
+    bad_fin = d.__class__(
+        "fin", 0, 0, 7, 2, np.zeros(0, np.int64), d.sender_vv
+    )  # 2 steps = 1 delta, not 7
+    with pytest.raises(WireError, match="announces 7 deltas"):
+        n1.receive(bad_fin)
+    assert n1.vv.tolist() == [0, 0] and not n1.missing["fin_from"] == []
+    assert n1.receive(d)[0]

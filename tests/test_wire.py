@@ -85,6 +85,8 @@ def _raw(**changes):
         ([_raw(sender="2"), b""], "sender"),
         ([_raw(seq=...), b""], "seq"),
         ([_raw(steps=0), b""], "steps"),
+        ([_raw(steps=2**64 - 1), b""], "steps"),
+        ([_raw(seq=2**32), b""], "seq"),
         ([_raw(base_vv=b"\x00" * 12), b""], "version vector"),
         ([_raw(sender_vv=[1, 2, 3, 4]), b""], "version vector"),
         ([_raw(dtype="int8"), b""], "dtype"),
