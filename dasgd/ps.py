@@ -312,7 +312,7 @@ class Server(_Role):
         # workers reject a non-finite model as malformed and go quiet: say why instead of timing out
         if not math.isfinite(float(np.dot(self.x, self.x))):
             raise Diverged(
-                f"the server's model became NaN or inf at version {self.version}: lower --lr"
+                f"the server's model diverged (NaN or inf) at version {self.version}: lower --lr"
             )
 
     def _validate(self, header) -> None:

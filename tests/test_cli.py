@@ -52,6 +52,10 @@ BAD_INPUTS = [
     (["--send-every", "0"], "send interval"),
     (["--transport", "udp"], "unknown transport 'udp'"),
     (["-n", "0"], "number of nodes"),
+    (["--slowdown", "9:2"], "slowdown names node 9"),
+    (["--latency", "0-2:0.1"], "not in the topology"),
+    (["--queue-mib", "nan"], "--queue-mib"),
+    (["--model", "mlp", "--hidden", "100000,100000"], "too large"),
 ]
 
 
@@ -163,3 +167,42 @@ def test_sized_spec_sets_the_node_count():
         build_parser().parse_args(["run", "--topology", "torus:2x4", "-n", "6"])
     )
     assert config.n_nodes == 6  # and the launcher reports the mismatch
+
+
+def test_unwritable_out_dir_is_a_user_error(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code, _, err = run_main(capsys, "run", "-q", "--out-dir", str(blocker / "runs"))
+    assert code == 2 and "cannot create the run directory" in err
+
+
+def test_malformed_summary_is_a_user_error(tmp_path, capsys):
+    (tmp_path / "summary.json").write_text("{}")
+    code, _, err = run_main(capsys, "summary", str(tmp_path))
+    assert code == 2 and "not a dasgd summary" in err
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(
+    ("algorithm", "named"), [("dasgd", "diverged at step"), ("ps-async", "diverged")]
+)
+def test_divergence_is_a_named_failure(tmp_path, capsys, algorithm, named):
+    code, _, err = run_main(
+        capsys,
+        "run",
+        "-q",
+        "--algorithm",
+        algorithm,
+        "--model",
+        "mlp",
+        "--lr",
+        "1000",
+        "--steps",
+        "300",
+        "--out-dir",
+        str(tmp_path),
+        "--send-timeout-s",
+        "20",
+    )
+    assert code == 1
+    assert named in err and "lower --lr" in err and "Traceback" not in err
