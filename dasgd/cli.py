@@ -192,6 +192,13 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         help="tau_C of the delay rule (default: the number of nodes)",
     )
 
+    g.add_argument(
+        "--max-lead-steps",
+        type=int,
+        default=None,
+        help="DASGD, opt-in: pause while more than this many steps ahead of a live neighbour (default: no bound)",
+    )
+
     g = p.add_argument_group("emulated asynchrony")
     g.add_argument(
         "--slowdown",
@@ -365,6 +372,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             server_optimizer=args.server_optimizer,
             delay_rule=args.delay_rule,
             delay_concurrency=args.delay_concurrency,
+            max_lead_steps=args.max_lead_steps,
             seed=args.seed,
         ),
         emulation=EmulationConfig(slowdown=args.slowdown, latency=args.latency),

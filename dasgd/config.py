@@ -191,6 +191,11 @@ class TrainConfig:
         analyse; nodes' models then differ).
     delay_concurrency : int or None
         tau_C of the rule; None = the number of nodes (workers).
+    max_lead_steps : int or None
+        DASGD only, opt-in: a node pauses (still receiving) while it is more
+        than this many steps ahead of a neighbour that has not finished
+        (stale-synchronous-style bound; must be >= ``send_every``). None: no
+        bound, the algorithm of the paper.
     seed : int
         Seed of the split, shards, initial model (the same x_0 on every node)
         and mini-batch sampling (node i uses ``seed + 1 + i``).
@@ -206,6 +211,7 @@ class TrainConfig:
     server_optimizer: str = "sgd"
     delay_rule: str = "none"
     delay_concurrency: int | None = None
+    max_lead_steps: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -225,6 +231,12 @@ class TrainConfig:
         if self.delay_concurrency is not None:
             _positive(
                 self.delay_concurrency, "delay concurrency", "--delay-concurrency", integer=True
+            )
+        if self.max_lead_steps is not None:
+            _positive(self.max_lead_steps, "max lead", "--max-lead-steps", integer=True)
+            _check(
+                self.max_lead_steps >= self.send_every,
+                f"max lead {self.max_lead_steps} must be >= the send interval {self.send_every} (--max-lead-steps)",
             )
         _check(
             isinstance(self.seed, int) and self.seed >= 0,

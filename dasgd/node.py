@@ -193,6 +193,8 @@ class Node:
         self._delay_rule = tc.delay_rule
         self._delay_concurrency = tc.delay_concurrency or config.n_nodes
         self.deltas_dropped = 0
+        self.lead_waits = 0
+        self.lead_wait_s = 0.0
         self.transport: Transport | None = None
         self.log: EventLog | None = None
         self.on_progress = None  # callable(dict) or None
@@ -330,6 +332,7 @@ class Node:
         X, y, params, grad = self.X, self.y, self.params, self._grad
         slowdown = self.slowdown if self.slowdown.factor > 1 else None
         alone = not self.neighbours
+        max_lead = self.config.train.max_lead_steps
         t_start = time.monotonic()
         self._interval_t = t_start
         self.evaluate(t_start, force=True)
@@ -339,6 +342,10 @@ class Node:
             if slowdown is not None:
                 t_iteration = time.perf_counter()
             self._receive_all()
+            if max_lead is not None and protocol.lead_steps() > max_lead:
+                waited_s = self._wait_lead(max_lead)
+                if slowdown is not None:
+                    t_iteration += waited_s
             if transport.has_pending and self._backlogged():
                 waited_s = self._wait_backlog()
                 if slowdown is not None:  # waiting is not work a slower machine would stretch
@@ -370,6 +377,39 @@ class Node:
         if alone:
             self.delta_sum = self.params - self._x0
         self._interval(time.monotonic(), "train")
+
+    def _wait_lead(self, max_lead: int) -> float:
+        """The optional lead bound: receive until no live neighbour is more than ``max_lead`` steps behind.
+
+        Returns
+        -------
+        float
+            Seconds waited.
+
+        Raises
+        ------
+        TransportError
+            If no message arrives for ``send_timeout_s`` while waiting.
+        """
+        tc = self.config.transport
+        t = time.perf_counter()
+        last_message = time.monotonic()
+        while self.protocol.lead_steps() > max_lead:
+            if self.stop_requested:
+                raise _Terminated
+            self.transport.flush()
+            now = time.monotonic()
+            if self._receive_all(timeout_s=self.transport.wait_cap_s(0.005)):
+                last_message = now
+            elif now - last_message > tc.send_timeout_s:
+                raise TransportError(
+                    f"node {self.node_id} waited {now - last_message:.0f} s for its neighbours to catch up "
+                    f"(--max-lead-steps {max_lead}); is one of them alive?"
+                )
+        waited = time.perf_counter() - t
+        self.lead_waits += 1
+        self.lead_wait_s += waited
+        return waited
 
     def _backlogged(self) -> bool:
         """Flush; True while more than ``max_backlog_msgs`` messages or ``queue_bytes`` wait."""
@@ -476,6 +516,8 @@ class Node:
             malformed=self.malformed,
             delay_rule=self._delay_rule,
             deltas_dropped=self.deltas_dropped,
+            lead_waits=self.lead_waits,
+            lead_wait_s=self.lead_wait_s,
             optimizer=self.optimizer.state_dict(),
             **self.transport.counters(),
             **self.protocol.summary(),

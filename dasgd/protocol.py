@@ -165,6 +165,18 @@ class NodeProtocol:
             return self._seal()
         return None
 
+    def lead_steps(self) -> int:
+        """How many steps this node is ahead of its slowest neighbour that has not finished.
+
+        ``V_i[i] - min V_i[u]`` over neighbours u without a ``fin`` (0 when all
+        have finished). Used for the optional bound ``max_lead_steps``: the
+        slowest unfinished node of the run sees every neighbour at or above its
+        own count less at most ``send_every - 1`` unsent steps, so with a bound
+        >= ``send_every`` it never waits and the bound cannot deadlock.
+        """
+        live = [self.vv[u] for u in self.neighbours if u not in self._fin_deltas]
+        return int(self.vv[self.node_id] - min(live)) if live else 0
+
     @property
     def window_steps(self) -> int:
         """Local steps in the open window (0: the next step opens a new one)."""

@@ -55,6 +55,7 @@ BAD_INPUTS = [
     (["--slowdown", "9:2"], "slowdown names node 9"),
     (["--latency", "0-2:0.1"], "not in the topology"),
     (["--queue-mib", "nan"], "--queue-mib"),
+    (["--max-lead-steps", "2", "--send-every", "4"], "must be >= the send interval 4"),
     (["--model", "mlp", "--hidden", "100000,100000"], "too large"),
 ]
 

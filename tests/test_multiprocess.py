@@ -327,3 +327,22 @@ def test_large_deltas_take_the_zero_copy_path_and_drain(tmp_path):
     run_dir, summary = run(cfg, progress=False)
     assert summary["model"]["n_params"] * 8 > ZERO_COPY_BYTES
     check_drained_run(run_dir, summary, 3)
+
+
+def test_lead_bound_makes_fast_nodes_wait_for_a_straggler(tmp_path):
+    from dasgd.config import EmulationConfig
+
+    cfg = config(
+        tmp_path,
+        n_nodes=3,
+        topology=TopologyConfig("complete"),
+        emulation=EmulationConfig(slowdown="2:8"),
+        train=TrainConfig(steps=300, lr=0.05, batch_size=16, max_lead_steps=4),
+    )
+    run_dir, summary = run(cfg, progress=False)
+    check_drained_run(run_dir, summary, 3)
+    finals = [read_events(run_dir / f"node-{i}.jsonl", "final")[0] for i in range(3)]
+    assert finals[0]["lead_waits"] > 0 and finals[1]["lead_waits"] > 0
+    # with lead bound K on n = 3 nodes, apply staleness is at most 2K + (n - 2) 4K = 24
+    # steps (without the bound this run measured S_max 81)
+    assert summary["run"]["staleness_max_steps"] <= 24

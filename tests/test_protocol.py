@@ -268,3 +268,19 @@ def test_forged_counts_are_rejected_without_state_change():
         n1.receive(bad_fin)
     assert n1.vv.tolist() == [0, 0] and not n1.missing["fin_from"] == []
     assert n1.receive(d)[0]
+
+
+def test_lead_steps_counts_live_neighbours_only():
+    n0, n1, n2 = proto(0, [1, 2]), proto(1, [0]), proto(2, [0])
+    for _ in range(5):
+        n0.local_step()
+    assert n0.lead_steps() == 5
+    for _ in range(3):
+        n0.receive(n1.local_step().header)
+    assert n0.lead_steps() == 5  # node 2 is still at 0
+    d2 = n2.local_step().header
+    n0.receive(d2)
+    assert n0.lead_steps() == 4  # min(3, 1)
+    (fin,) = n2.finish()
+    n0.receive(fin.header)
+    assert n0.lead_steps() == 2  # node 2 finished: only node 1 (3 steps) counts
