@@ -43,6 +43,7 @@ __all__ = [
     "load_dataset",
     "shard_by_label",
     "shard_iid",
+    "local_steps",
     "steps_for_epochs",
 ]
 
@@ -727,3 +728,14 @@ def steps_for_epochs(epochs: float, n_samples: int, batch_size: int) -> int:
     if abs(steps - nearest) <= 1e-9 * max(1.0, abs(steps)):
         return max(1, int(nearest))
     return max(1, math.ceil(steps))
+
+
+def local_steps(train, n_samples: int) -> int:
+    """Local steps (gradients) of one node over a shard of ``n_samples``.
+
+    ``train.steps`` if set, else :func:`steps_for_epochs` of ``train.epochs``;
+    ``train`` is a :class:`dasgd.config.TrainConfig`.
+    """
+    if train.steps is not None:
+        return train.steps
+    return steps_for_epochs(train.epochs, n_samples, train.batch_size)

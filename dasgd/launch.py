@@ -49,6 +49,7 @@ import psutil
 import zmq
 
 from .config import RunConfig
+from .data import local_steps
 from .errors import ConfigError, NodeFailed
 from .metrics import build_ps_summary, build_summary
 from .node import log_name
@@ -302,15 +303,6 @@ class _Progress:
             self.bar.close()
 
 
-def _total_steps(config: RunConfig, shard_sizes: list[int]) -> int:
-    from .data import steps_for_epochs
-
-    tc = config.train
-    if tc.steps is not None:
-        return tc.steps * len(shard_sizes)
-    return sum(steps_for_epochs(tc.epochs, m, tc.batch_size) for m in shard_sizes)
-
-
 def run(config: RunConfig, *, progress: bool = True) -> tuple[Path, dict]:
     """Run DASGD (one process per node) or a PS baseline (workers + server) here, and summarize it.
 
@@ -358,7 +350,10 @@ def run(config: RunConfig, *, progress: bool = True) -> tuple[Path, dict]:
     procs: list[subprocess.Popen] = []
     stderr_files = []
     bar = _Progress(
-        n, _total_steps(config, meta["shard_sizes"]), progress, server_id=n if n_procs > n else None
+        n,
+        sum(local_steps(config.train, m) for m in meta["shard_sizes"]),
+        progress,
+        server_id=n if n_procs > n else None,
     )
     errors: dict[int, str] = {}
     t_start = time.monotonic()

@@ -29,7 +29,7 @@ import zmq
 
 from . import wire
 from .config import RunConfig, run_config_from_dict
-from .data import BatchSampler, steps_for_epochs
+from .data import BatchSampler, local_steps
 from .emulation import Slowdown
 from .errors import DasgdError, Diverged, TransportError, WireError
 from .metrics import Evaluator, EventLog
@@ -173,11 +173,7 @@ class Node:
             tc.optimizer, self.n_params, tc.lr, momentum=tc.momentum, dtype=self.dtype
         )
         self.sampler = BatchSampler(len(self.y), tc.batch_size, seed=tc.seed + 1 + node_id)
-        self.total_steps = (
-            tc.steps
-            if tc.steps is not None
-            else steps_for_epochs(tc.epochs, len(self.y), tc.batch_size)
-        )
+        self.total_steps = local_steps(tc, len(self.y))
         self.protocol = NodeProtocol(
             node_id,
             self.neighbours,
@@ -229,7 +225,7 @@ class Node:
             np.copyto(self.open_delta, update)
 
     def _seal_and_send(self, out: Outgoing) -> None:
-        """Send the open delta with ``out``'s header and open a new, zero one."""
+        """Send the open delta with ``out``'s header; the next step's :meth:`accumulate` opens a new one."""
         sealed = self.open_delta
         self.delta_sum += sealed
         payload = self.pool.payload(sealed)

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from . import wire
-from .data import BatchSampler, steps_for_epochs
+from .data import BatchSampler, local_steps
 from .emulation import Slowdown
 from .errors import Diverged, TransportError, WireError
 from .models import build_model
@@ -41,19 +41,11 @@ from .node import MAX_MALFORMED_LOGGED, BufferPool, _Terminated
 from .optim import build_optimizer, delay_adaptive_lr
 from .staleness import RunningStat
 
-__all__ = ["Server", "Worker", "worker_steps"]
+__all__ = ["Server", "Worker"]
 
 _NO_VV = np.zeros(0, np.int64)
 #: A wait for a message this long (seconds) makes the server check that its model is finite.
 IDLE_CHECK_S = 0.5
-
-
-def worker_steps(config, shard_size: int) -> int:
-    """Gradients one worker contributes to the budget: ``steps`` or the epochs over its shard."""
-    tc = config.train
-    return (
-        tc.steps if tc.steps is not None else steps_for_epochs(tc.epochs, shard_size, tc.batch_size)
-    )
 
 
 class _Role:
@@ -265,7 +257,7 @@ class Server(_Role):
     n_features, n_classes : int
     shard_sizes : list of int
         Sizes of the workers' shards: the gradient budget is the sum of
-        :func:`worker_steps` over workers (``n * steps`` with ``--steps``).
+        :func:`~dasgd.data.local_steps` over workers (``n * steps`` with ``--steps``).
     run_dir : path-like
 
     Attributes
@@ -283,9 +275,9 @@ class Server(_Role):
         self.optimizer = build_optimizer(
             tc.server_optimizer, self.n_params, tc.lr, dtype=self.dtype
         )
-        self.budget = sum(worker_steps(config, m) for m in shard_sizes)
+        self.budget = sum(local_steps(config.train, m) for m in shard_sizes)
         if config.algorithm == "ps-sync":
-            self.rounds = min(worker_steps(config, m) for m in shard_sizes)
+            self.rounds = min(local_steps(config.train, m) for m in shard_sizes)
             self.budget = self.rounds * self.n_workers
         self.concurrency = tc.delay_concurrency or self.n_workers
         self.version = 0
