@@ -39,6 +39,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import numpy as np  # noqa: E402
 
+from dasgd.analysis.metrics import read_events  # noqa: E402
 from dasgd.config import (  # noqa: E402
     DataConfig,
     EmulationConfig,
@@ -48,7 +49,6 @@ from dasgd.config import (  # noqa: E402
     TrainConfig,
 )
 from dasgd.launch import run  # noqa: E402
-from dasgd.metrics import read_events  # noqa: E402
 
 ALGORITHMS = ("dasgd", "ps-async", "ps-sync")
 

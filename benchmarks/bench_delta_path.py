@@ -14,9 +14,9 @@ dasgd/raw ("paired"); the ratio of the medians is printed beside it.
     one preallocated float32 array with ``copy=False`` N times; the receiver
     calls ``recv(copy=False)`` N times and touches nothing. Both sockets get the
     high-water mark a dasgd node would use for that message size
-    (:func:`dasgd.node.queue_limit_msgs`), so both have the same queue depth.
+    (:func:`dasgd.runtime.node.queue_limit_msgs`), so both have the same queue depth.
 ``dasgd``
-    The real code path of two :class:`dasgd.node.Node` objects of a 2-node run,
+    The real code path of two :class:`dasgd.runtime.node.Node` objects of a 2-node run,
     softmax regression with ``n_features * 10 + 10`` float32 parameters (the
     delta size), ``send_every=1``, transports built as ``node_main`` builds them.
     Sender (node 0), per message: ``open delta += u`` (a fixed array),
@@ -74,11 +74,11 @@ import numpy as np  # noqa: E402
 import zmq  # noqa: E402
 from common import close_node, machine_info, report_load, summarize  # noqa: E402
 
-from dasgd import wire  # noqa: E402
+from dasgd.analysis.metrics import EventLog  # noqa: E402
 from dasgd.config import ModelConfig, RunConfig, TrainConfig, TransportConfig  # noqa: E402
-from dasgd.metrics import EventLog  # noqa: E402
-from dasgd.node import Node, queue_limit_msgs  # noqa: E402
-from dasgd.transport import Transport  # noqa: E402
+from dasgd.core import wire  # noqa: E402
+from dasgd.runtime.node import Node, queue_limit_msgs  # noqa: E402
+from dasgd.runtime.transport import Transport  # noqa: E402
 
 TARGET_RATIO = 0.5
 TARGET_BYTES = 4_000_000

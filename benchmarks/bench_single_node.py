@@ -14,9 +14,9 @@ printed beside it.
     cross-entropy) with preallocated work buffers, doing forward, backward and
     ``W -= lr * g`` on mini-batches of a fresh permutation each epoch, the way
     a careful user writes it without dasgd. It calls no dasgd model code; its
-    gradient is checked once against :class:`dasgd.models.MLP` before timing.
+    gradient is checked once against :class:`dasgd.ml.models.MLP` before timing.
 ``node``
-    The real runtime loop :meth:`dasgd.node.Node.train` of a node without
+    The real runtime loop :meth:`dasgd.runtime.node.Node.train` of a node without
     neighbours (``n_nodes=1``), built in-process with a real ipc transport and
     event log. Only ``train()`` is timed (construction is not).
 ``cli`` (information; the first ``--cli-reps`` repetitions; ``--no-cli`` skips it)
@@ -59,12 +59,12 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 from common import close_node, machine_info, report_load, summarize  # noqa: E402
 
+from dasgd.analysis.metrics import EventLog  # noqa: E402
 from dasgd.config import ModelConfig, RunConfig, TrainConfig  # noqa: E402
-from dasgd.data import load_dataset  # noqa: E402
-from dasgd.metrics import EventLog  # noqa: E402
-from dasgd.models import build_model  # noqa: E402
-from dasgd.node import Node, queue_limit_msgs  # noqa: E402
-from dasgd.transport import Transport  # noqa: E402
+from dasgd.ml.data import load_dataset  # noqa: E402
+from dasgd.ml.models import build_model  # noqa: E402
+from dasgd.runtime.node import Node, queue_limit_msgs  # noqa: E402
+from dasgd.runtime.transport import Transport  # noqa: E402
 
 TARGET_RATIO = 0.9
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_single_node.json"
@@ -346,7 +346,7 @@ def stop_child(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
 
 
 def gradient_check(ds, hidden, batch_size: int) -> float:
-    """Max |loop gradient - dasgd.models.MLP gradient| on one batch, same parameters."""
+    """Max |loop gradient - dasgd.ml.models.MLP gradient| on one batch, same parameters."""
     net = PlainMLP((ds.n_features, *hidden, ds.n_classes), batch_size, 0.1, seed=3)
     model = build_model("mlp", ds.n_features, ds.n_classes, hidden=tuple(hidden))
     if net.n_params != model.n_params:

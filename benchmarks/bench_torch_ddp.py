@@ -2,7 +2,7 @@
 with ``torch.distributed`` (gloo backend, CPU) and ``DistributedDataParallel``.
 
 Same problem on every side: scikit-learn digits (standardized, split and
-sharded i.i.d. by :mod:`dasgd.data` with the same seed), the same MLP
+sharded i.i.d. by :mod:`dasgd.ml.data` with the same seed), the same MLP
 (``64 -> hidden... -> 10``, relu, softmax cross-entropy) started from dasgd's
 ``x0`` (``build_model("mlp", ...).init_params(seed)``, unpacked per dasgd's flat
 layout: all weight matrices ``(fan_in, fan_out)`` in C order, then all biases),
@@ -76,7 +76,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from dasgd.data import BatchSampler, load_dataset, shard_iid  # noqa: E402
+from dasgd.ml.data import BatchSampler, load_dataset, shard_iid  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_torch_ddp.json"
 PLOT = RESULTS.with_suffix(".png")
@@ -109,7 +109,7 @@ def unpack(flat: np.ndarray, shapes) -> tuple[list[np.ndarray], list[np.ndarray]
 
 def prepare_problem(args, n: int, work: Path) -> dict:
     """Write what the torch ranks load (shards, test split, x0) and return the in-memory copies."""
-    from dasgd.models import build_model
+    from dasgd.ml.models import build_model
 
     ds = load_dataset(DATASET, seed=args.seed)
     shards = shard_iid(ds.n_train, n, seed=args.seed)
@@ -406,9 +406,9 @@ def first_below(evals: list[dict], target: float) -> float | None:
 
 
 def run_dasgd(problem: dict, args, n: int, algorithm: str, topology: str, out_dir: Path) -> dict:
+    from dasgd.analysis.metrics import read_events
     from dasgd.config import ModelConfig, RunConfig, TopologyConfig, TrainConfig, TransportConfig
     from dasgd.launch import run
-    from dasgd.metrics import read_events
 
     config = RunConfig(
         n_nodes=n,

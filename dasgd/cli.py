@@ -396,9 +396,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def _cmd_run(args) -> int:
+    from .analysis.metrics import format_summary
     from .launch import run
-    from .metrics import format_summary
-    from .models import MODELS
+    from .ml.models import MODELS
 
     config = config_from_args(args)
     if config.model.name not in MODELS:
@@ -418,7 +418,7 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_summary(args) -> int:
-    from .metrics import format_summary
+    from .analysis.metrics import format_summary
 
     path = Path(args.run_dir) / "summary.json"
     if not path.is_file():
@@ -449,7 +449,7 @@ def _cmd_topology(args) -> int:
 
 
 def _cmd_node(args) -> int:
-    from .node import node_main
+    from .runtime.node import node_main
 
     return node_main(args.run_dir, args.node_id, args.control)
 

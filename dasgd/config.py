@@ -15,7 +15,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from .emulation import parse_latency, parse_slowdown
+from .core.emulation import parse_latency, parse_slowdown
 from .errors import ConfigError
 
 __all__ = [

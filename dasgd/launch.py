@@ -48,11 +48,11 @@ import numpy as np
 import psutil
 import zmq
 
+from .analysis.metrics import build_ps_summary, build_summary
 from .config import RunConfig
-from .data import local_steps
 from .errors import ConfigError, NodeFailed
-from .metrics import build_ps_summary, build_summary
-from .node import log_name
+from .ml.data import local_steps
+from .runtime.node import log_name
 
 __all__ = ["prepare_run", "run", "stop_processes"]
 
@@ -97,9 +97,9 @@ def prepare_run(config: RunConfig) -> tuple[RunConfig, Path, dict]:
         (or its subclasses TopologyError, DataError) on any bad value, before
         anything is spawned; nothing is written then.
     """
-    from .data import class_histogram, load_dataset, shard_by_label, shard_iid
-    from .emulation import resolve_latency, resolve_slowdown
-    from .models import build_model
+    from .core.emulation import resolve_latency, resolve_slowdown
+    from .ml.data import class_histogram, load_dataset, shard_by_label, shard_iid
+    from .ml.models import build_model
     from .topology import describe_topology, parse_topology, save_topology
 
     ps = config.algorithm != "dasgd"

@@ -51,7 +51,7 @@ from typing import Any
 import networkx as nx
 import numpy as np
 
-from dasgd.errors import TopologyError
+from .errors import TopologyError
 
 __all__ = [
     "BUILDERS",

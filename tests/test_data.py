@@ -1,4 +1,4 @@
-"""Tests of dasgd.data: loading, splitting, sharding and mini-batch sampling."""
+"""Tests of dasgd.ml.data: loading, splitting, sharding and mini-batch sampling."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dasgd.data import (
+from dasgd.errors import DataError
+from dasgd.ml.data import (
     DATASETS,
     BatchSampler,
     Dataset,
@@ -20,7 +21,6 @@ from dasgd.data import (
     shard_iid,
     steps_for_epochs,
 )
-from dasgd.errors import DataError
 
 # ----------------------------------------------------------------------------
 # Loading bundled datasets
@@ -514,7 +514,7 @@ def test_steps_for_epochs_bad_arguments(epochs, m, b):
 
 
 def test_import_does_not_load_sklearn():
-    code = "import sys, dasgd.data; print('sklearn' in sys.modules)"
+    code = "import sys, dasgd.ml.data; print('sklearn' in sys.modules)"
     out = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,

@@ -3,7 +3,13 @@
 import pytest
 
 from dasgd.config import EmulationConfig
-from dasgd.emulation import MAX_FACTOR, Slowdown, parse_latency, resolve_latency, resolve_slowdown
+from dasgd.core.emulation import (
+    MAX_FACTOR,
+    Slowdown,
+    parse_latency,
+    resolve_latency,
+    resolve_slowdown,
+)
 from dasgd.errors import ConfigError
 
 

@@ -1,4 +1,4 @@
-"""Contract tests of dasgd.models: every model's gradient against finite differences."""
+"""Contract tests of dasgd.ml.models: every model's gradient against finite differences."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dasgd.errors import ConfigError
-from dasgd.models import MODELS, Model, build_model
+from dasgd.ml.models import MODELS, Model, build_model
 
 N_FEATURES = 5
 BATCH = 8

@@ -13,7 +13,7 @@ import psutil
 import pytest
 import zmq
 
-from dasgd import wire
+from dasgd.analysis.metrics import read_events
 from dasgd.config import (
     DataConfig,
     ModelConfig,
@@ -22,10 +22,10 @@ from dasgd.config import (
     TrainConfig,
     TransportConfig,
 )
-from dasgd.data import BatchSampler
+from dasgd.core import wire
 from dasgd.launch import run
-from dasgd.metrics import read_events
-from dasgd.models import build_model
+from dasgd.ml.data import BatchSampler
+from dasgd.ml.models import build_model
 
 from .conftest import wait_for
 
@@ -316,7 +316,7 @@ def test_latency_and_straggler_runs_still_drain_to_equal_models(tmp_path):
 
 
 def test_large_deltas_take_the_zero_copy_path_and_drain(tmp_path):
-    from dasgd.node import ZERO_COPY_BYTES
+    from dasgd.runtime.node import ZERO_COPY_BYTES
 
     cfg = config(
         tmp_path,

@@ -1,4 +1,4 @@
-"""Tests of dasgd.optim: update rules against hand-computed values, step-size rules."""
+"""Tests of dasgd.ml.optim: update rules against hand-computed values, step-size rules."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dasgd.errors import ConfigError
-from dasgd.optim import (
+from dasgd.ml.optim import (
     DELAY_RULES,
     OPTIMIZERS,
     SGD,

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
+from dasgd.core.protocol import NodeProtocol
+from dasgd.core.staleness import apply_staleness, model_lag
 from dasgd.errors import WireError
-from dasgd.protocol import NodeProtocol
-from dasgd.staleness import apply_staleness, model_lag
 from dasgd.topology import neighbours, parse_topology
 
 

@@ -6,12 +6,12 @@ import math
 import numpy as np
 import pytest
 
+from dasgd.analysis.metrics import read_events
 from dasgd.config import DataConfig, ModelConfig, RunConfig, TrainConfig, TransportConfig
-from dasgd.data import BatchSampler
 from dasgd.launch import run
-from dasgd.metrics import read_events
-from dasgd.models import build_model
-from dasgd.ps import Server
+from dasgd.ml.data import BatchSampler
+from dasgd.ml.models import build_model
+from dasgd.runtime.ps import Server
 
 from .test_multiprocess import assert_gone, node_pids, start_command, wait_training
 

@@ -13,7 +13,7 @@ import pytest
 import zmq
 
 from dasgd.errors import TransportError
-from dasgd.transport import Transport, inbox_address
+from dasgd.runtime.transport import Transport, inbox_address
 
 from .conftest import wait_for
 

@@ -4,9 +4,9 @@ import msgpack
 import numpy as np
 import pytest
 
-from dasgd import wire
+from dasgd.core import wire
+from dasgd.core.wire import Header
 from dasgd.errors import WireError
-from dasgd.wire import Header
 
 N = 4
 

@@ -27,17 +27,17 @@ import msgpack
 import numpy as np
 import zmq
 
-from . import wire
-from .config import RunConfig, run_config_from_dict
-from .data import BatchSampler, local_steps
-from .emulation import Slowdown
-from .errors import DasgdError, Diverged, TransportError, WireError
-from .metrics import Evaluator, EventLog
-from .models import build_model
-from .optim import build_optimizer, delay_adaptive_lr
-from .protocol import NodeProtocol, Outgoing
-from .topology import neighbours as topology_neighbours
-from .topology import parse_topology
+from ..analysis.metrics import Evaluator, EventLog
+from ..config import RunConfig, run_config_from_dict
+from ..core import wire
+from ..core.emulation import Slowdown
+from ..core.protocol import NodeProtocol, Outgoing
+from ..errors import DasgdError, Diverged, TransportError, WireError
+from ..ml.data import BatchSampler, local_steps
+from ..ml.models import build_model
+from ..ml.optim import build_optimizer, delay_adaptive_lr
+from ..topology import neighbours as topology_neighbours
+from ..topology import parse_topology
 from .transport import Transport, inbox_address
 
 __all__ = ["Node", "node_main"]

@@ -36,7 +36,7 @@ from collections import deque
 
 import zmq
 
-from .errors import TransportError
+from ..errors import TransportError
 
 __all__ = ["Transport", "inbox_address"]
 

@@ -36,7 +36,7 @@ import time
 
 import numpy as np
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = [
     "MAX_FACTOR",

@@ -32,7 +32,7 @@ import operator
 
 import numpy as np
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = [
     "OPTIMIZERS",

@@ -59,7 +59,7 @@ from dataclasses import dataclass
 import msgpack
 import numpy as np
 
-from .errors import WireError
+from ..errors import WireError
 
 WIRE_VERSION = 1
 KINDS = ("delta", "fin", "complete", "grad", "model", "stop")

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import WireError
+from ..errors import WireError
 from .staleness import StalenessTracker, apply_staleness, model_lag
 from .wire import VV_KINDS, Header
 

@@ -43,7 +43,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = [
     "MODELS",

@@ -32,14 +32,14 @@ from pathlib import Path
 
 import numpy as np
 
-from . import wire
-from .data import BatchSampler, local_steps
-from .emulation import Slowdown
-from .errors import Diverged, TransportError, WireError
-from .models import build_model
+from ..core import wire
+from ..core.emulation import Slowdown
+from ..core.staleness import RunningStat
+from ..errors import Diverged, TransportError, WireError
+from ..ml.data import BatchSampler, local_steps
+from ..ml.models import build_model
+from ..ml.optim import build_optimizer, delay_adaptive_lr
 from .node import MAX_MALFORMED_LOGGED, BufferPool, _Terminated
-from .optim import build_optimizer, delay_adaptive_lr
-from .staleness import RunningStat
 
 __all__ = ["Server", "Worker"]
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dasgd.errors import DataError
+from ..errors import DataError
 
 __all__ = [
     "DATASETS",
