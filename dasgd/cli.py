@@ -210,6 +210,14 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         default="",
         help="one-way link delay in seconds: SECONDS for all links, or [SECONDS,]U-V:SECONDS,... (default: none)",
     )
+    g.add_argument(
+        "--compute-time",
+        default="",
+        metavar="SPEC",
+        help="emulated seconds per gradient, waited between reading the model and producing the "
+        "update (times --slowdown): SECONDS, lognormal:MEDIAN:SIGMA, exponential:MEAN or "
+        "uniform:LOW:HIGH (default: none, the real computation only)",
+    )
 
     g = p.add_argument_group("transport")
     g.add_argument(
@@ -375,7 +383,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             max_lead_steps=args.max_lead_steps,
             seed=args.seed,
         ),
-        emulation=EmulationConfig(slowdown=args.slowdown, latency=args.latency),
+        emulation=EmulationConfig(
+            slowdown=args.slowdown, latency=args.latency, compute_time=args.compute_time
+        ),
         transport=TransportConfig(
             kind=args.transport,
             host=args.host,

@@ -15,7 +15,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from .core.emulation import parse_latency, parse_slowdown
+from .core.emulation import parse_compute_time, parse_latency, parse_slowdown
 from .errors import ConfigError
 
 __all__ = [
@@ -309,14 +309,21 @@ class EmulationConfig:
         ``""``, ``"NODE:FACTOR,..."`` (e.g. ``"2:4"``) or ``"random:SEED[:ALPHA]"``.
     latency : str
         ``""``, ``"SECONDS"`` or ``"[SECONDS,]U-V:SECONDS,..."`` one-way per link.
+    compute_time : str
+        Emulated seconds per gradient, waited between reading the model and
+        producing the update (times each node's slowdown factor): ``""``
+        (none), ``"SECONDS"``, ``"lognormal:MEDIAN:SIGMA"``,
+        ``"exponential:MEAN"`` or ``"uniform:LOW:HIGH"``.
     """
 
     slowdown: str = ""
     latency: str = ""
+    compute_time: str = ""
 
     def __post_init__(self) -> None:
         parse_slowdown(self.slowdown)
         parse_latency(self.latency)
+        parse_compute_time(self.compute_time)
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,15 @@
 """Straggler and latency specs, and the slowdown's sleeping."""
 
+import numpy as np
 import pytest
 
 from dasgd.config import EmulationConfig
 from dasgd.core.emulation import (
     MAX_FACTOR,
+    SLEEP_QUANTUM_S,
+    ComputeTime,
     Slowdown,
+    parse_compute_time,
     parse_latency,
     resolve_latency,
     resolve_slowdown,
@@ -73,13 +77,62 @@ def test_bad_latency_specs(spec, message):
         EmulationConfig(latency=spec)
 
 
-def test_slowdown_sleeps_what_is_owed():
+def test_slowdown_owes_and_pays_in_quanta():
     s = Slowdown(3.0)
+    waits = []
     for _ in range(20):
-        s.after_step(0.001)  # each step owes 2 ms
-    # sleeping never undershoots, and what is not slept yet is under one quantum
-    assert s.slept_s + s.owed_s == pytest.approx(0.040, abs=1e-9)
-    assert s.slept_s >= 0.039 and s.owed_s < 0.001
+        s.owe(0.0003)  # each step owes 0.6 ms: a wait every second step
+        waits.append(s.take())
+    assert waits[0] == 0.0 and waits[1] == pytest.approx(0.0012)
+    assert sum(waits) + s.owed_s == pytest.approx(20 * 0.0006)
+    assert s.slept_s == pytest.approx(sum(waits)) and s.owed_s < SLEEP_QUANTUM_S
     idle = Slowdown(1.0)
-    idle.after_step(1.0)
-    assert idle.slept_s == 0 and idle.owed_s == 0
+    idle.owe(1.0)
+    assert idle.take() == 0 and idle.owed_s == 0
+
+
+@pytest.mark.parametrize(
+    ("spec", "kind"),
+    [
+        ("", "none"),
+        ("0.005", "constant"),
+        ("lognormal:0.005:0.5", "lognormal"),
+        ("exponential:0.002", "exponential"),
+        ("uniform:0.001:0.003", "uniform"),
+    ],
+)
+def test_compute_time_specs(spec, kind):
+    assert parse_compute_time(spec)["kind"] == kind
+    a = ComputeTime(spec, factor=2.0, seed=(0, 3))
+    b = ComputeTime(spec, factor=2.0, seed=(0, 3))
+    draws = [a.sample() for _ in range(200)]
+    assert draws == [b.sample() for _ in range(200)]  # same seed, same draws
+    assert all(d >= 0 for d in draws)
+    assert a.enabled == (kind != "none")
+    if kind == "constant":
+        assert set(draws) == {0.01}
+    if kind == "uniform":
+        assert 0.002 <= min(draws) and max(draws) <= 0.006
+    if kind == "lognormal":  # median of the draws near 2 x 5 ms
+        assert 0.008 < float(np.median(draws)) < 0.0125
+
+
+def test_compute_time_seeds_are_per_node():
+    draws = {k: ComputeTime("exponential:0.01", seed=(0, k)).sample() for k in range(4)}
+    assert len(set(draws.values())) == 4
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("-1", "must be in 0..60"),
+        ("fast", "not a number"),
+        ("lognormal:0.005", "expected"),
+        ("lognormal:0:1", "median must be > 0"),
+        ("uniform:3:1", "LOW must be <= HIGH"),
+        ("exponential:nan", "finite"),
+    ],
+)
+def test_bad_compute_time_specs(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_compute_time(spec)

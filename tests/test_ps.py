@@ -11,7 +11,8 @@ from dasgd.config import DataConfig, ModelConfig, RunConfig, TrainConfig, Transp
 from dasgd.launch import run
 from dasgd.ml.data import BatchSampler
 from dasgd.ml.models import build_model
-from dasgd.runtime.ps import Server
+from dasgd.build import build_machine
+from dasgd.core.wire import Header
 
 from .test_multiprocess import assert_gone, node_pids, start_command, wait_training
 
@@ -111,22 +112,30 @@ def make_server(tmp_path, **train):
         model=ModelConfig("least_squares"),
         train=TrainConfig(steps=10, **train),
     )
-    return Server(cfg, n_features=1, n_classes=1, shard_sizes=[10] * 4, run_dir=tmp_path)
+    return build_machine(cfg, 4, n_features=1, n_classes=1, shard_sizes=[10] * 4)
+
+
+def apply_grad(server, g, tau, worker):
+    """Hand the server a gradient of delay ``tau`` as a worker's message would."""
+    server.version = max(server.version, tau)
+    no_vv = np.zeros(0, np.int64)
+    header = Header("grad", worker, worker, server.version - tau, 1, no_vv, no_vv, "float64", (2,))
+    server.on_message(header, g)
 
 
 def test_server_delay_adaptive_inverse_and_drop(tmp_path):
     s = make_server(tmp_path, lr=0.5, delay_rule="inverse")
     x = s.x.copy()
     g = np.array([1.0, -2.0])
-    s._apply(g, tau=4, worker=0)  # tau <= tau_C = 4 workers: full step
+    apply_grad(s, g, tau=4, worker=0)  # tau <= tau_C = 4 workers: full step
     np.testing.assert_array_equal(s.x, x - 0.5 * g)
-    s._apply(g, tau=8, worker=1)  # tau > 4: lr / tau = 0.0625
+    apply_grad(s, g, tau=8, worker=1)  # tau > 4: lr / tau = 0.0625
     np.testing.assert_array_equal(s.x, x - 0.5 * g - 0.0625 * g)
     s = make_server(tmp_path, lr=0.5, delay_rule="drop")
     x = s.x.copy()
-    s._apply(g, tau=5, worker=0)
+    apply_grad(s, g, tau=5, worker=0)
     np.testing.assert_array_equal(s.x, x)
-    assert (s.dropped, s.applied, s.version) == (1, 0, 1)
+    assert (s.dropped, s.applied, s.version) == (1, 0, 6)
     assert s.tau_summary()["tau_max_steps"] == 5
 
 
@@ -134,8 +143,8 @@ def test_server_amsgrad_step_by_hand(tmp_path):
     s = make_server(tmp_path, lr=0.1, server_optimizer="amsgrad")
     x = s.x.copy()
     g1, g2 = np.array([1.0, -2.0]), np.array([0.5, 0.0])
-    s._apply(g1, tau=0, worker=0)
-    s._apply(g2, tau=3, worker=1)  # APAM: only g is stale, the server state is current
+    apply_grad(s, g1, tau=0, worker=0)
+    apply_grad(s, g2, tau=3, worker=1)  # APAM: only g is stale, the server state is current
     m = 0.1 * g1
     v = 0.001 * g1**2
     x1 = x - 0.1 * m / (np.sqrt(v) + 1e-8)

@@ -1,7 +1,9 @@
 """Event logs (one JSONL file per node) and the run summary.
 
 Every record is one JSON object on one line with at least ``t_s`` (seconds since
-the node started, monotonic clock), ``node``, ``kind`` and ``step``. Files are
+the log's ``t0`` on the driver's clock: the process's monotonic clock in a real
+run, virtual time in a simulation), ``node``, ``kind`` and ``step``. The log
+never reads a clock: the caller hands in ``now``. Files are
 appended to and flushed every ``flush_interval_s``, never rewritten. Kinds:
 
 - ``start``: the node's neighbours, shard size and total steps;
@@ -45,13 +47,14 @@ class EventLog:
     node_id : int
         Written into every record.
     flush_interval_s : float
-        Buffered records are written at most this long after they were logged.
-    t0 : float or None
-        ``time.monotonic()`` value that ``t_s`` counts from; default: when opened.
+        Buffered records are written once a record is logged at least this
+        long (on the caller's clock) after the previous write.
+    t0 : float
+        The time on the caller's clock that ``t_s`` counts from.
     """
 
     def __init__(
-        self, path, node_id: int, *, flush_interval_s: float = 0.5, t0: float | None = None
+        self, path, node_id: int, *, flush_interval_s: float = 0.5, t0: float = 0.0
     ) -> None:
         self.path = Path(path)
         self.node_id = node_id
@@ -59,22 +62,19 @@ class EventLog:
         self.t0 = t0
         self._file = None
         self._buffer: list[str] = []
-        self._last_flush = 0.0
+        self._last_flush = t0
 
     def open(self) -> EventLog:
         if self._file is None:
             self._file = self.path.open("a", encoding="utf-8")
-            if self.t0 is None:
-                self.t0 = time.monotonic()
-            self._last_flush = time.monotonic()
         return self
 
-    def log(self, kind: str, step: int, **fields) -> dict:
-        """Buffer one record; flush when the interval has passed. Returns the record.
+    def log(self, now: float, kind: str, step: int, **fields) -> dict:
+        """Buffer one record at time ``now`` (seconds, the caller's clock); flush when due.
 
-        Non-finite floats (a diverged loss) are written as null: the file stays JSON.
+        Returns the record. Non-finite floats (a diverged loss) are written as
+        null: the file stays JSON.
         """
-        now = time.monotonic()
         record = {
             "t_s": round(now - self.t0, 6),
             "node": self.node_id,
@@ -89,15 +89,16 @@ class EventLog:
         self._buffer.append(json.dumps(line, allow_nan=False, default=_json_default))
         if now - self._last_flush >= self.flush_interval_s:
             self.flush()
+            self._last_flush = now
         return record
 
     def flush(self) -> None:
+        """Write the buffered records to the file."""
         if self._file is None or not self._buffer:
             return
         self._file.write("\n".join(self._buffer) + "\n")
         self._file.flush()
         self._buffer.clear()
-        self._last_flush = time.monotonic()
 
     def close(self) -> None:
         """Flush and close (idempotent)."""
@@ -146,6 +147,7 @@ class Evaluator:
             return
         t = time.perf_counter()
         log.log(
+            now,
             "eval",
             step,
             test_loss=self.model.loss(params, self.X_test, self.y_test),

@@ -11,11 +11,18 @@ Slowdown (per-node compute speed; ``--slowdown``):
   drawn with SEED (ALPHA = 1.5 by default; smaller = heavier tail), capped at
   :data:`MAX_FACTOR`.
 
-A node with factor f sleeps (f - 1) times the measured duration of each
-iteration of its loop (receiving, applying, the local step, sending) after it
-(:class:`Slowdown`): a machine f times slower at everything. Its step rate
-drops by f while its network stack keeps receiving; sleeps are batched to
-~1 ms for accuracy.
+A node with factor f waits (f - 1) times the measured duration of its own
+work (receiving, applying, the local step, sending), paid between reading the
+model and producing the update (:class:`Slowdown`): a machine f times slower
+at everything, whose gradients are computed on an older model. With
+``--compute-time``, every emulated gradient time is multiplied by f as well.
+Waits are batched to ~1 ms for accuracy.
+
+Compute time (emulated seconds per gradient; ``--compute-time``, see
+:func:`parse_compute_time`): a wait between reading the model and producing
+the update, during which the node keeps receiving, applying and relaying, as
+a node whose gradient runs on an accelerator does. Nodes then do not compete
+for CPU cores, so many node processes fit on a small machine.
 
 Latency (per-link one-way delay in seconds; ``--latency``):
 
@@ -32,7 +39,6 @@ so per-link order is kept. For parameter-server runs the links are
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 
@@ -40,7 +46,9 @@ from ..errors import ConfigError
 
 __all__ = [
     "MAX_FACTOR",
+    "ComputeTime",
     "Slowdown",
+    "parse_compute_time",
     "parse_latency",
     "parse_slowdown",
     "resolve_latency",
@@ -53,7 +61,10 @@ MAX_FACTOR = 20.0
 MAX_EXPLICIT_FACTOR = 1000.0
 #: Largest one-way link latency a spec may name, in seconds.
 MAX_LATENCY_S = 10.0
-_SLEEP_QUANTUM_S = 1e-3
+#: Largest emulated compute time per gradient a spec may name, in seconds.
+MAX_COMPUTE_S = 60.0
+#: Owed straggler time is paid in waits of at least this long, in seconds.
+SLEEP_QUANTUM_S = 1e-3
 
 
 def _number(text: str, what: str, spec: str, flag: str) -> float:
@@ -220,16 +231,28 @@ def resolve_latency(spec: str, links) -> dict[tuple[int, int], float]:
 
 
 class Slowdown:
-    """Makes a node ``factor`` times slower by sleeping after its steps.
+    """Time a node ``factor`` times slower owes for its measured (or modelled) work; no clock.
+
+    A node with factor f owes (f - 1) times the duration of its own work
+    (receiving, applying, the gradient, sending) and pays it as a wait
+    between reading the model and producing the update, so that its deltas
+    are computed on an older model, as a slow machine's are.
 
     Parameters
     ----------
     factor : float
-        >= 1; 1 does nothing.
+        >= 1; 1 owes nothing.
+
+    Attributes
+    ----------
+    owed_s : float
+        Time owed and not yet paid, in seconds.
+    slept_s : float
+        Time paid so far, in seconds.
 
     Notes
     -----
-    The owed time accumulates and is slept in pieces of at least 1 ms, so
+    The owed time is paid in pieces of at least :data:`SLEEP_QUANTUM_S`, so
     short steps (tens of microseconds) are slowed accurately on average.
     """
 
@@ -238,14 +261,111 @@ class Slowdown:
         self.owed_s = 0.0
         self.slept_s = 0.0
 
-    def after_step(self, step_s: float) -> None:
-        """Account a step that took ``step_s`` seconds; sleep if enough time is owed."""
-        if self.factor <= 1.0:
-            return
-        self.owed_s += (self.factor - 1.0) * step_s
-        if self.owed_s >= _SLEEP_QUANTUM_S:
-            t = time.perf_counter()
-            time.sleep(self.owed_s)
-            slept = time.perf_counter() - t
-            self.slept_s += slept
-            self.owed_s -= slept
+    def owe(self, work_s: float) -> None:
+        """Account ``work_s`` seconds of work done at full speed."""
+        if self.factor > 1.0:
+            self.owed_s += (self.factor - 1.0) * work_s
+
+    def take(self) -> float:
+        """The wait to insert now, in seconds (0 while less than a quantum is owed)."""
+        if self.owed_s < SLEEP_QUANTUM_S:
+            return 0.0
+        owed, self.owed_s = self.owed_s, 0.0
+        self.slept_s += owed
+        return owed
+
+
+def parse_compute_time(spec: str) -> dict:
+    """Check an emulated compute-time spec (``--compute-time``).
+
+    Forms (seconds per gradient):
+
+    - ``""``: none; a gradient takes what the real computation takes.
+    - ``"SECONDS"``: constant, e.g. ``"0.005"``.
+    - ``"lognormal:MEDIAN:SIGMA"``: log-normal with that median and shape
+      (heavy right tail), e.g. ``"lognormal:0.005:0.5"``.
+    - ``"exponential:MEAN"``, ``"uniform:LOW:HIGH"``.
+
+    Returns
+    -------
+    dict
+        ``{"kind": "none"|"constant"|"lognormal"|"exponential"|"uniform", ...}``.
+
+    Raises
+    ------
+    ConfigError
+        Naming the bad part of the spec and the valid forms.
+    """
+    flag = "--compute-time"
+    forms = "SECONDS, lognormal:MEDIAN:SIGMA, exponential:MEAN or uniform:LOW:HIGH"
+    spec = spec.strip()
+    if not spec:
+        return {"kind": "none"}
+    kind, _, rest = spec.partition(":")
+    args = rest.split(":") if rest else []
+    arity = {"lognormal": 2, "exponential": 1, "uniform": 2}
+    if kind not in arity:
+        value = _number(spec, "compute time", spec, flag)
+        if not 0 <= value <= MAX_COMPUTE_S:
+            raise ConfigError(
+                f"compute time {value} in {spec!r} must be in 0..{MAX_COMPUTE_S:g} seconds ({flag})"
+            )
+        return {"kind": "constant", "seconds": value}
+    if len(args) != arity[kind]:
+        raise ConfigError(f"compute time {spec!r}: expected {forms} ({flag})")
+    values = [_number(a, kind, spec, flag) for a in args]
+    if not all(0 <= v <= MAX_COMPUTE_S for v in values):
+        raise ConfigError(
+            f"compute time {spec!r}: values must be in 0..{MAX_COMPUTE_S:g} seconds ({flag})"
+        )
+    if kind == "lognormal":
+        if values[0] <= 0:
+            raise ConfigError(f"compute time {spec!r}: the median must be > 0 ({flag})")
+        return {"kind": "lognormal", "median": values[0], "sigma": values[1]}
+    if kind == "exponential":
+        return {"kind": "exponential", "mean": values[0]}
+    if values[0] > values[1]:
+        raise ConfigError(f"compute time {spec!r}: LOW must be <= HIGH ({flag})")
+    return {"kind": "uniform", "low": values[0], "high": values[1]}
+
+
+class ComputeTime:
+    """Emulated seconds per gradient of one node: a spec's draws times its slowdown factor.
+
+    Parameters
+    ----------
+    spec : str
+        A :func:`parse_compute_time` spec.
+    factor : float, default 1.0
+        The node's slowdown factor (>= 1): every draw is multiplied by it.
+    seed : sequence of int, default (0,)
+        Seed of the node's own generator (e.g. ``(run_seed, node_id)``), so
+        that adding a node does not change the others' draws.
+
+    Attributes
+    ----------
+    enabled : bool
+        False for the empty spec: :meth:`sample` then always returns 0.
+    """
+
+    def __init__(self, spec: str, factor: float = 1.0, seed=(0,)) -> None:
+        self.spec = parse_compute_time(spec)
+        self.factor = factor
+        self.enabled = self.spec["kind"] != "none"
+        self._rng = np.random.default_rng(list(seed) + [0x636F6D70])
+
+    def sample(self) -> float:
+        """Seconds the next gradient takes (>= 0)."""
+        spec = self.spec
+        kind = spec["kind"]
+        if kind == "none":
+            return 0.0
+        if kind == "constant":
+            value = spec["seconds"]
+        elif kind == "lognormal":
+            value = spec["median"] * math.exp(spec["sigma"] * self._rng.standard_normal())
+        elif kind == "exponential":
+            value = self._rng.exponential(spec["mean"]) if spec["mean"] > 0 else 0.0
+        else:
+            value = self._rng.uniform(spec["low"], spec["high"])
+        return float(value) * self.factor

@@ -33,15 +33,46 @@ from ..errors import WireError
 from .staleness import StalenessTracker, apply_staleness, model_lag
 from .wire import VV_KINDS, Header
 
-__all__ = ["NodeProtocol", "Outgoing"]
+__all__ = ["NodeProtocol", "Outgoing", "adjacency_sets"]
+
+_NO_VV = np.zeros(0, np.int64)
 
 
-@dataclass(frozen=True, slots=True)
+def adjacency_sets(neighbours_of) -> dict[int, frozenset[int]]:
+    """Every node's neighbours as frozensets, the ``adjacency`` argument of :class:`NodeProtocol`.
+
+    Parameters
+    ----------
+    neighbours_of : mapping of int to iterable of int
+        Node id -> its neighbours (e.g. ``dict(graph.adjacency())``).
+    """
+    return {int(k): frozenset(int(u) for u in v) for k, v in neighbours_of.items()}
+
+
+@dataclass(slots=True)
 class Outgoing:
-    """A message to send: ``header`` (and, for deltas, the payload) to each node in ``to``."""
+    """A message to send: ``header`` (and, for array kinds, ``payload``) to each node in ``to``.
+
+    Attributes
+    ----------
+    header : Header
+        Its ``sender_vv`` (and a delta's ``base_vv``) may be the sender's live
+        version vector: valid until the sender's next call. A driver encodes
+        it at once (the runtime) or copies it (the simulator).
+    to : tuple of int
+        Destination nodes.
+    payload : ndarray or None
+        The array frame. Set by the node state machines, not by the protocol.
+    live : bool
+        True if ``payload`` is an array its owner keeps changing (the server's
+        model): the driver must copy it before the next call. False: it is
+        handed over and never written again by its owner.
+    """
 
     header: Header
     to: tuple[int, ...]
+    payload: object = None
+    live: bool = False
 
 
 class NodeProtocol:
@@ -61,17 +92,26 @@ class NodeProtocol:
         Length of the model vector (written into delta headers).
     dtype : {"float32", "float64"}
         Parameter dtype (written into delta headers).
-    adjacency : mapping of int to iterable of int, optional
-        Every node's neighbours (the whole topology). With it, a delta (or fin)
-        is not relayed to the origin's own neighbours: the origin sends it to
-        them itself, over links that lose nothing while both ends live. By
-        induction over the distance from the origin every node still receives
-        it; on a complete graph no duplicates remain. Without it: plain flooding.
+    adjacency : mapping of int to set of int, optional
+        Every node's neighbours (the whole topology), as sets: build it once
+        per run (:func:`adjacency_sets`) and share it between the nodes of a
+        simulation. With it, a delta (or fin) is not relayed to the origin's
+        own neighbours: the origin sends it to them itself, over links that
+        lose nothing while both ends live. By induction over the distance from
+        the origin every node still receives it; on a complete graph no
+        duplicates remain. Without it: plain flooding. Relay targets are found
+        per message in O(degree), so set-up is O(degree) per node.
+    vv_dtype : numpy integer dtype, default int64
+        Dtype of the version vector and of the per-origin counters. The
+        simulator uses int32 (n^2 of them at n nodes); steps per node must
+        then stay below 2**31.
 
     Attributes
     ----------
-    vv : ndarray of shape (n_nodes,), int64
+    vv : ndarray of shape (n_nodes,), ``vv_dtype``
         The version vector V_i: local steps of each origin contained in the model.
+    applied_deltas : ndarray of shape (n_nodes,), ``vv_dtype``
+        Deltas applied per origin.
     staleness : StalenessTracker
         Apply staleness and model lag statistics.
     duplicates : int
@@ -96,6 +136,7 @@ class NodeProtocol:
         n_params: int,
         dtype: str = "float64",
         adjacency=None,
+        vv_dtype=np.int64,
     ) -> None:
         self.node_id = node_id
         self.neighbours = tuple(sorted(neighbours))
@@ -105,40 +146,48 @@ class NodeProtocol:
             )
         self.n_nodes = n_nodes
         self.send_every = send_every
-        # relay targets per origin: my neighbours minus the origin and its own neighbours
-        self._relay_to = [
-            tuple(
-                u
-                for u in self.neighbours
-                if u != k and (adjacency is None or u not in set(adjacency[k]))
-            )
-            for k in range(n_nodes)
-        ]
+        self._adjacency = adjacency
         self.n_params = n_params
         self.dtype = dtype
-        self.vv = np.zeros(n_nodes, dtype=np.int64)
+        self.vv = np.zeros(n_nodes, dtype=vv_dtype)
         self._window_base = self.vv.copy()
         self._window_steps = 0
+        self._base_taken = False
         self.deltas_sealed = 0
         # de-duplication: every seq < _applied_below[k] is applied; later ones in _applied_above[k]
-        self._applied_below = [0] * n_nodes
-        self._applied_above: list[set[int]] = [set() for _ in range(n_nodes)]
-        self.applied_deltas = np.zeros(n_nodes, dtype=np.int64)
+        self._applied_below = np.zeros(n_nodes, dtype=vv_dtype)
+        self._applied_above: dict[int, set[int]] = {}
+        self.applied_deltas = np.zeros(n_nodes, dtype=vv_dtype)
         self.duplicates = 0
         self.last_apply_staleness = 0
         self.staleness = StalenessTracker(node_id, self.neighbours, n_nodes)
-        # drain state
+        # drain state: -1 = no fin from that origin yet
         self.finished = False
-        self._fin_deltas: dict[int, int] = {}
-        self._fin_steps: dict[int, int] = {}
+        self._fin_deltas = np.full(n_nodes, -1, dtype=vv_dtype)
+        self._fin_steps = np.full(n_nodes, -1, dtype=vv_dtype)
+        self._fins_known = 0
         self._complete_announced = False
         self._neighbours_complete: set[int] = set()
 
     # -- local steps --------------------------------------------------------
+    def read_model(self) -> None:
+        """Say that a gradient is being computed on the current model.
+
+        Call it when the gradient reads the model; messages may then be
+        handled before :meth:`local_step` counts the step (emulated compute
+        time). The first read of a window fixes the delta's base: the model
+        the window's first gradient saw. Without a call, :meth:`local_step`
+        takes the base itself.
+        """
+        if self._window_steps == 0 and not self._base_taken:
+            self._window_base = self.vv.copy()
+            self._base_taken = True
+
     def local_step(self) -> Outgoing | None:
         """Count one local SGD step; every ``send_every`` steps, seal the window.
 
-        Call it once per step, after computing the gradient on the current model
+        Call it once per step. Unless :meth:`read_model` was called when the
+        gradient read the model, call it right after computing the gradient
         and before handling any further message: the first step of a window
         records the version vector as the delta's base (the model the window's
         first gradient saw).
@@ -158,7 +207,9 @@ class NodeProtocol:
             raise RuntimeError("local_step() after finish()")
         if self._window_steps == 0:
             # the window opens with the model its first gradient was computed on
-            self._window_base = self.vv.copy()
+            if not self._base_taken:
+                self._window_base = self.vv.copy()
+            self._base_taken = False
         self.vv[self.node_id] += 1
         self._window_steps += 1
         if self._window_steps >= self.send_every:
@@ -174,7 +225,8 @@ class NodeProtocol:
         own count less at most ``send_every - 1`` unsent steps, so with a bound
         >= ``send_every`` it never waits and the bound cannot deadlock.
         """
-        live = [self.vv[u] for u in self.neighbours if u not in self._fin_deltas]
+        fin = self._fin_deltas
+        live = [self.vv[u] for u in self.neighbours if fin[u] < 0]
         return int(self.vv[self.node_id] - min(live)) if live else 0
 
     @property
@@ -190,7 +242,7 @@ class NodeProtocol:
             self.deltas_sealed,
             self._window_steps,
             self._window_base,
-            self.vv.copy(),
+            self.vv,
             self.dtype,
             (self.n_params,),
         )
@@ -212,16 +264,15 @@ class NodeProtocol:
         out = [self._seal()] if self._window_steps else []
         self.finished = True
         me = self.node_id
-        self._fin_deltas[me] = self.deltas_sealed
-        self._fin_steps[me] = int(self.vv[me])
+        self._record_fin(me, self.deltas_sealed, int(self.vv[me]))
         fin = Header(
             "fin",
             me,
             me,
             self.deltas_sealed,
             int(self.vv[me]),
-            np.zeros(0, np.int64),
-            self.vv.copy(),
+            _NO_VV,
+            self.vv,
         )
         out.append(Outgoing(fin, self.neighbours))
         return out
@@ -256,7 +307,7 @@ class NodeProtocol:
             raise WireError(
                 f"{header.kind} message from node {sender}: DASGD nodes take only {', '.join(VV_KINDS)}"
             )
-        if sender not in self.staleness.edge_lag:
+        if sender not in self.staleness.edge_lag:  # a dict: O(1)
             raise WireError(
                 f"message from node {sender}, which is not a neighbour of {self.node_id}"
             )
@@ -266,11 +317,7 @@ class NodeProtocol:
             raise WireError(
                 f"delta {origin}:{header.seq} of {header.steps} steps; windows hold at most {self.send_every}"
             )
-        if (
-            kind == "delta"
-            and origin in self._fin_deltas
-            and header.seq >= self._fin_deltas[origin]
-        ):
+        if kind == "delta" and 0 <= self._fin_deltas[origin] <= header.seq:
             raise WireError(
                 f"delta {origin}:{header.seq} beyond the {self._fin_deltas[origin]} deltas node {origin} announced"
             )
@@ -285,11 +332,10 @@ class NodeProtocol:
             self._neighbours_complete.add(sender)
             return False, None
         if kind == "fin":
-            if origin in self._fin_deltas:
+            if self._fin_deltas[origin] >= 0:
                 self.duplicates += 1
                 return False, None
-            self._fin_deltas[origin] = header.seq
-            self._fin_steps[origin] = header.steps
+            self._record_fin(origin, header.seq, header.steps)
             return False, self._relay(header)
         # delta
         if origin == self.node_id or self._seen(origin, header.seq):
@@ -311,47 +357,62 @@ class NodeProtocol:
             and not self._seen(header.origin, header.seq)
         )
 
+    def _record_fin(self, origin: int, deltas: int, steps: int) -> None:
+        self._fin_deltas[origin] = deltas
+        self._fin_steps[origin] = steps
+        self._fins_known += 1
+
     def _relay(self, header: Header) -> Outgoing | None:
-        to = tuple(u for u in self._relay_to[header.origin] if u != header.sender)
+        origin, sender = header.origin, header.sender
+        skip = self._adjacency[origin] if self._adjacency is not None else ()
+        to = tuple(u for u in self.neighbours if u != sender and u != origin and u not in skip)
         if not to:
             return None
-        return Outgoing(header.replace_sender(self.node_id, self.vv.copy()), to)
+        # the live vector: the driver encodes (or copies) it before the next call
+        return Outgoing(header.replace_sender(self.node_id, self.vv), to)
 
     def _seen(self, origin: int, seq: int) -> bool:
-        return seq < self._applied_below[origin] or seq in self._applied_above[origin]
+        if seq < self._applied_below[origin]:
+            return True
+        above = self._applied_above.get(origin)
+        return above is not None and seq in above
 
     def _mark_seen(self, origin: int, seq: int) -> None:
-        above = self._applied_above[origin]
-        if seq != self._applied_below[origin]:
+        below = int(self._applied_below[origin])
+        above = self._applied_above.get(origin)
+        if seq != below:
+            if above is None:
+                above = self._applied_above[origin] = set()
             above.add(seq)
             return
         below = seq + 1
-        while below in above:
-            above.remove(below)
-            below += 1
+        if above:
+            while below in above:
+                above.remove(below)
+                below += 1
+            if not above:
+                del self._applied_above[origin]
         self._applied_below[origin] = below
 
     # -- drain --------------------------------------------------------------
     @property
     def complete(self) -> bool:
         """True when a ``fin`` is known from every node and every announced delta is applied."""
-        if len(self._fin_deltas) < self.n_nodes:
+        if self._fins_known < self.n_nodes:
             return False
-        for k in range(self.n_nodes):
-            if k == self.node_id:
-                continue
-            if self.applied_deltas[k] != self._fin_deltas[k] or self.vv[k] != self._fin_steps[k]:
-                return False
-        return True
+        # own entries match by construction (the own fin records own counts)
+        applied = self.applied_deltas.copy()
+        applied[self.node_id] = self._fin_deltas[self.node_id]
+        return bool(
+            np.array_equal(applied, self._fin_deltas) and np.array_equal(self.vv, self._fin_steps)
+        )
 
     def announce_complete(self) -> Outgoing | None:
         """Once complete, the ``complete`` message for every neighbour (returned once)."""
         if self._complete_announced or not self.complete:
             return None
         self._complete_announced = True
-        header = Header(
-            "complete", self.node_id, self.node_id, 0, 0, np.zeros(0, np.int64), self.vv.copy()
-        )
+        header = Header("complete", self.node_id, self.node_id, 0, 0, _NO_VV, self.vv)
         return Outgoing(header, self.neighbours)
 
     @property
@@ -362,12 +423,13 @@ class NodeProtocol:
     @property
     def missing(self) -> dict:
         """What a node still waits for, for the error message of a drain that timed out."""
+        fin = self._fin_deltas
         return {
-            "fin_from": [k for k in range(self.n_nodes) if k not in self._fin_deltas],
+            "fin_from": [int(k) for k in np.flatnonzero(fin < 0)],
             "deltas_from": [
                 k
-                for k, n in self._fin_deltas.items()
-                if k != self.node_id and self.applied_deltas[k] != n
+                for k in range(self.n_nodes)
+                if k != self.node_id and fin[k] >= 0 and self.applied_deltas[k] != fin[k]
             ],
             "neighbours_not_complete": [
                 u for u in self.neighbours if u not in self._neighbours_complete
@@ -382,8 +444,8 @@ class NodeProtocol:
             "deltas_applied": int(self.applied_deltas.sum()),
             "applied_deltas_per_origin": self.applied_deltas.tolist(),
             "version_vector": self.vv.tolist(),
-            "fin_deltas_per_origin": [self._fin_deltas.get(k) for k in range(self.n_nodes)],
-            "fin_steps_per_origin": [self._fin_steps.get(k) for k in range(self.n_nodes)],
+            "fin_deltas_per_origin": [None if v < 0 else int(v) for v in self._fin_deltas],
+            "fin_steps_per_origin": [None if v < 0 else int(v) for v in self._fin_steps],
             "duplicates": self.duplicates,
             "complete": self.complete,
             **self.staleness.summary(),

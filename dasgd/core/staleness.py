@@ -119,7 +119,10 @@ class StalenessTracker:
         self.loose_lag = RunningStat()
         self.edge_staleness = {u: RunningStat() for u in neighbours}
         self.edge_lag = {u: RunningStat() for u in neighbours}
-        self.origin_staleness = [RunningStat() for _ in range(n_nodes)]
+        # per origin as arrays, not objects: a simulation holds n of these trackers
+        self.origin_count = np.zeros(n_nodes, dtype=np.int64)
+        self.origin_total = np.zeros(n_nodes, dtype=np.int64)
+        self.origin_max = np.zeros(n_nodes, dtype=np.int64)
         self._interval_staleness = RunningStat()
         self._interval_lag = RunningStat()
 
@@ -127,7 +130,10 @@ class StalenessTracker:
         """Record the apply staleness of a delta from ``origin`` relayed by ``sender``."""
         self.staleness.add(staleness_steps)
         self.edge_staleness[sender].add(staleness_steps)
-        self.origin_staleness[origin].add(staleness_steps)
+        self.origin_count[origin] += 1
+        self.origin_total[origin] += staleness_steps
+        if staleness_steps > self.origin_max[origin]:
+            self.origin_max[origin] = staleness_steps
         self._interval_staleness.add(staleness_steps)
 
     def record_lag(self, sender: int, lag_steps: int, loose_lag_steps: int) -> None:
@@ -163,8 +169,15 @@ class StalenessTracker:
                 for u in sorted(self.edge_staleness)
             ],
             "origins": [
-                {"origin": k, **stat.as_dict("staleness")}
-                for k, stat in enumerate(self.origin_staleness)
+                {
+                    "origin": k,
+                    "staleness_avg_steps": int(total) / int(count) if count else None,
+                    "staleness_max_steps": int(mx) if count else None,
+                    "staleness_count": int(count),
+                }
+                for k, (count, total, mx) in enumerate(
+                    zip(self.origin_count, self.origin_total, self.origin_max, strict=True)
+                )
                 if k != self.node_id
             ],
         }

@@ -1,22 +1,23 @@
-"""The runtime of one DASGD node process: protocol + transport + model + data + metrics.
+"""The process runtime of one node: drives a core state machine with sockets, signals, sleeping and files.
 
 ``python -m dasgd node --run-dir DIR --node-id I --control ADDR`` runs
-:func:`node_main`. The node reads ``config.json``, ``topology.json`` and its
-shard from the run directory, binds its inbox, reports ``ready`` to the
-launcher over the control socket, waits for ``start`` (with the inbox
-addresses of its neighbours), trains, drains, and writes ``node-<i>.npy``,
-``node-<i>.delta_sum.npy`` and the ``final`` record of ``node-<i>.jsonl``.
+:func:`node_main`. The process reads ``config.json``, ``topology.json`` and its
+shard from the run directory, builds its state machine
+(:func:`dasgd.build.build_machine`: a DASGD node, a parameter-server worker or
+the server), binds its inbox, reports ``ready`` to the launcher over the
+control socket, waits for ``start`` (with the inbox addresses of its
+neighbours), and then :class:`Driver` runs the machine until it is done. It
+writes the machine's final model and the ``final`` record of its log.
 
-The loop follows ALGORITHMS.md §1: apply every delta that has arrived (and
-relay it), take one local step, and every ``send_every`` steps send the summed
-parameter change to all neighbours. The arithmetic lives here, on
-preallocated buffers; the bookkeeping lives in :class:`~dasgd.protocol.NodeProtocol`.
+Every decision (when to step, seal, wait for a slower neighbour or for the
+transport, drain, stop) is the machine's (:mod:`dasgd.core`); the driver only
+moves bytes, measures time, sleeps, enforces deadlines and writes logs. The
+simulator (:mod:`dasgd.sim`) drives the same machines in virtual time.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import sys
@@ -28,25 +29,29 @@ import numpy as np
 import zmq
 
 from ..analysis.metrics import Evaluator, EventLog
+from ..build import build_machine, is_server
 from ..config import RunConfig, run_config_from_dict
 from ..core import wire
-from ..core.emulation import Slowdown
-from ..core.protocol import NodeProtocol, Outgoing
-from ..errors import DasgdError, Diverged, TransportError, WireError
-from ..ml.data import BatchSampler, local_steps
-from ..ml.models import build_model
-from ..ml.optim import build_optimizer, delay_adaptive_lr
+from ..core.actions import CONTINUE, DONE, WAIT_BACKLOG, WAIT_DRAIN, WAIT_LEAD
+from ..core.node import DasgdNode
+from ..core.protocol import adjacency_sets
+from ..core.ps import PSServer
+from ..errors import DasgdError, TransportError, WireError
 from ..topology import neighbours as topology_neighbours
 from ..topology import parse_topology
 from .transport import Transport, inbox_address
 
-__all__ = ["Node", "node_main"]
+__all__ = ["BufferPool", "Driver", "node_main"]
 
 #: Deltas smaller than this are copied into the message; larger ones are sent
 #: zero-copy from a pool of buffers that are reused once ZeroMQ releases them.
 ZERO_COPY_BYTES = 1 << 16
-#: How many malformed messages a node describes in its log (all are counted).
+#: How many malformed messages a process describes in its log (all are counted).
 MAX_MALFORMED_LOGGED = 20
+#: A wait for a message this long (seconds) makes the PS server check that its model is finite.
+IDLE_CHECK_S = 0.5
+#: Longest single poll while waiting, in seconds (signals and deadlines are checked in between).
+POLL_CAP_S = 0.01
 
 
 class _Terminated(Exception):
@@ -107,176 +112,99 @@ class BufferPool:
         return self.payload(buf)
 
 
-class Node:
-    """One DASGD node: owns the model vector, drives the protocol and the sockets.
+class Driver:
+    """Runs one core state machine in this process: sockets, clock, waits, deadlines, logs.
 
     Parameters
     ----------
+    machine : DasgdNode, PSWorker or PSServer
+        The state machine (:mod:`dasgd.core`).
     config : RunConfig
-        The run's resolved configuration (``n_nodes`` set).
-    node_id : int
-        This node.
-    neighbours : list of int
-        Its neighbours in the topology.
-    X : ndarray of shape (m, d)
-        This node's training shard (features), float64.
-    y : ndarray of shape (m,), int64
-        Its labels.
-    n_classes : int
-        Number of classes of the dataset.
-    run_dir : Path
-        Where the log and the final model are written.
-    adjacency : mapping of int to list of int, optional
-        Every node's neighbours; lets the protocol skip relays the origin makes
-        itself (see :class:`~dasgd.protocol.NodeProtocol`). None: plain flooding.
+    transport : Transport
+        Started and connected.
+    log : EventLog
+        Open; its ``t0`` is on :func:`time.monotonic`'s clock.
+    pool : BufferPool
+        Buffers for zero-copy sends (the machine's ``new_buffer`` is ``pool.take``).
+    evaluator : Evaluator, optional
+        Logs ``eval`` records of the machine's model (DASGD nodes, PS server).
 
-    Notes
-    -----
-    ``transport`` and ``log`` are set by :func:`node_main` before :meth:`run`;
-    ``on_progress`` (a callable taking each interval record) is optional.
+    Attributes
+    ----------
+    malformed : int
+        Messages dropped as malformed (undecodable, or refused by the machine).
+    stop_requested : bool
+        Set by the signal handler: the driver stops at the next check.
+    on_progress : callable or None
+        Called with each ``interval`` record.
     """
 
     def __init__(
-        self,
-        config: RunConfig,
-        node_id: int,
-        neighbours,
-        X,
-        y,
-        n_classes: int,
-        run_dir,
-        *,
-        adjacency=None,
+        self, machine, config: RunConfig, transport: Transport, log: EventLog, pool, evaluator=None
     ) -> None:
+        self.machine = machine
         self.config = config
-        self.node_id = node_id
-        self.neighbours = sorted(neighbours)
-        self.run_dir = Path(run_dir)
-        mc, tc = config.model, config.train
-        self.dtype = np.dtype(mc.dtype)
-        self.X = np.ascontiguousarray(X, dtype=self.dtype)
-        self.y = np.asarray(y, dtype=np.int64)
-        self.model = build_model(
-            mc.name,
-            self.X.shape[1],
-            n_classes,
-            hidden=mc.hidden,
-            activation=mc.activation,
-            l2=mc.l2,
-        )
-        self.n_params = self.model.n_params
-        self.params = self.model.init_params(seed=tc.seed, dtype=self.dtype)
-        self._x0 = self.params.copy()
-        # in the model's dtype: a float64 sum of float32 deltas doubles the cost of sealing
-        self.delta_sum = np.zeros(self.n_params, dtype=self.dtype)
-        self.optimizer = build_optimizer(
-            tc.optimizer, self.n_params, tc.lr, momentum=tc.momentum, dtype=self.dtype
-        )
-        self.sampler = BatchSampler(len(self.y), tc.batch_size, seed=tc.seed + 1 + node_id)
-        self.total_steps = local_steps(tc, len(self.y))
-        self.protocol = NodeProtocol(
-            node_id,
-            self.neighbours,
-            config.n_nodes,
-            tc.send_every,
-            n_params=self.n_params,
-            dtype=mc.dtype,
-            adjacency=adjacency,
-        )
-        self.pool = BufferPool(self.n_params, self.dtype)
-        self.open_delta = np.zeros(self.n_params, dtype=self.dtype)
+        self.transport = transport
+        self.log = log
+        self.pool = pool
+        self.evaluator = evaluator
         self.malformed = 0
-        self._delay_rule = tc.delay_rule
-        self._delay_concurrency = tc.delay_concurrency or config.n_nodes
-        self.deltas_dropped = 0
-        self.lead_waits = 0
-        self.lead_wait_s = 0.0
-        self.transport: Transport | None = None
-        self.log: EventLog | None = None
-        self.on_progress = None  # callable(dict) or None
         self.stop_requested = False
-        self._grad = np.empty(self.n_params, dtype=self.dtype)
-        self._loss_sum = 0.0
-        self._loss_count = 0
-        self._interval_t = 0.0
-        self._interval_step = 0
-        self.train_s = 0.0
-        self.drain_s = 0.0
+        self.on_progress = None
         self.drained = False
-        self.slowdown = Slowdown(1.0)
-        self.evaluator: Evaluator | None = None  # logs eval records when set
+        self.eval_s = 0.0
+        self._n_ids = config.n_nodes + (config.algorithm != "dasgd")
+        self._dtype = config.model.dtype
+        self._n_params = machine.n_params
+        # DASGD checks a delta's values only if it will apply it (the machine does)
+        self._decode_finite = config.transport.check_finite and not isinstance(machine, DasgdNode)
+        self._waited_s = 0.0
+        self._interval_t = 0.0
 
-    # -- messages -----------------------------------------------------------
-    def _send(self, out: Outgoing, payload=None) -> None:
-        header = wire.encode_header(out.header)
-        frames = [header] if payload is None else [header, payload]
+    # -- messages ------------------------------------------------------------
+    def _send(self, out, received=None, frame=None) -> None:
+        header = wire.encode_header(out.header)  # encodes the live vectors now
+        payload = out.payload
+        if payload is None:
+            frames = [header]
+        elif payload is received:  # a relay: forward the frame as it came
+            frames = [header, frame]
+        elif out.live:  # the owner keeps changing it: send a copy
+            frames = [header, self.pool.snapshot(payload)]
+        else:  # handed over: zero-copy for large arrays
+            frames = [header, self.pool.payload(payload)]
         for to in out.to:
             self.transport.send(to, frames)
 
-    def accumulate(self, update: np.ndarray) -> None:
-        """Add one local step's parameter change to the open delta; call before ``local_step``.
-
-        The first step of a window overwrites the buffer, which is therefore
-        never zeroed: after a seal its contents are undefined until then.
-        """
-        if self.protocol.window_steps:
-            self.open_delta += update
-        else:
-            np.copyto(self.open_delta, update)
-
-    def _seal_and_send(self, out: Outgoing) -> None:
-        """Send the open delta with ``out``'s header; the next step's :meth:`accumulate` opens a new one."""
-        sealed = self.open_delta
-        self.delta_sum += sealed
-        payload = self.pool.payload(sealed)
-        if not isinstance(payload, bytes):  # the pool owns it until ZeroMQ lets go
-            self.open_delta = self.pool.take()
-        # (a copied buffer is reused as is: a window's first step overwrites it)
-        self._send(out, payload)
-
     def _handle(self, frames: list) -> None:
+        machine = self.machine
         try:
-            header, delta = wire.decode(
+            header, payload = wire.decode(
                 frames,
-                self.config.n_nodes,
-                dtype=self.config.model.dtype,
-                n_params=self.n_params,
-                check_finite=False,
+                self._n_ids,
+                dtype=self._dtype,
+                n_params=self._n_params,
+                check_finite=self._decode_finite,
             )
-            # the payload pass only for deltas that will be applied: duplicates are dropped unread
-            if (
-                self.config.transport.check_finite
-                and delta is not None
-                and self.protocol.is_new_delta(header)
-            ):
-                wire.check_finite_array(header, delta)
-            apply, forward = self.protocol.receive(header)
+            outs = machine.on_message(header, payload)
         except WireError as exc:
             self.malformed += 1
             if self.malformed <= MAX_MALFORMED_LOGGED:
-                self.log.log("malformed", self.step, reason=str(exc))
+                self.log.log(time.monotonic(), "malformed", machine.progress_step, reason=str(exc))
             return
-        if apply:
-            if self._delay_rule == "none":
-                self.params += delta
-            else:  # extension: scale by apply staleness (models then differ between nodes)
-                scale = delay_adaptive_lr(
-                    1.0,
-                    self.protocol.last_apply_staleness,
-                    self._delay_concurrency,
-                    rule=self._delay_rule,
-                )
-                if scale > 0:
-                    self.params += scale * delta
-                else:
-                    self.deltas_dropped += 1
-        if forward is not None:
-            self._send(forward, frames[1] if delta is not None else None)
+        for out in outs:
+            self._send(out, payload, frames[1] if len(frames) > 1 else None)
 
     def _receive_all(self, timeout_s: float = 0.0) -> int:
         """Handle every message waiting (waiting up to ``timeout_s`` for the first)."""
         transport = self.transport
-        if not transport.poll(timeout_s):  # poll(0) is cheaper than a recv that fails
+        if timeout_s > 0:
+            t = time.perf_counter()
+            ready = transport.poll(timeout_s)
+            self._waited_s += time.perf_counter() - t
+            if not ready:
+                return 0
+        elif not transport.poll(0):  # poll(0) is cheaper than a recv that fails
             return 0
         handled = 0
         while (frames := transport.recv()) is not None:
@@ -284,239 +212,192 @@ class Node:
             handled += 1
         return handled
 
-    # -- logging ------------------------------------------------------------
-    @property
-    def step(self) -> int:
-        return int(self.protocol.vv[self.node_id])
+    # -- waits -----------------------------------------------------------------
+    def _check_stop(self) -> None:
+        if self.stop_requested:
+            raise _Terminated
 
-    def _interval(self, now: float, phase: str) -> None:
-        dt = now - self._interval_t
-        record = self.log.log(
-            "interval",
-            self.step,
-            phase=phase,
-            epoch=self.sampler.epoch,
-            loss=self._loss_sum / self._loss_count if self._loss_count else None,
-            steps_per_s=(self.step - self._interval_step) / dt if dt > 0 else None,
-            deltas_applied=int(self.protocol.applied_deltas.sum()),
-            duplicates=self.protocol.duplicates,
-            malformed=self.malformed,
-            **self.transport.counters(),
-            **self.protocol.staleness.interval(),
-        )
-        self._loss_sum, self._loss_count = 0.0, 0
-        self._interval_t, self._interval_step = now, self.step
-        if self.on_progress is not None:
-            self.on_progress(record)
+    def _wait_until(self, until: float) -> None:
+        """Emulated compute time: handle messages as they come until the clock reads ``until``."""
+        transport = self.transport
+        while True:
+            self._check_stop()
+            if transport.has_pending:
+                transport.flush()
+            remaining = until - time.monotonic()
+            if remaining <= 0:
+                return
+            if remaining < 1e-3:  # below the poll's resolution: sleep the rest
+                t = time.perf_counter()
+                time.sleep(remaining)
+                self._waited_s += time.perf_counter() - t
+                return
+            self._receive_all(timeout_s=transport.wait_cap_s(min(remaining, POLL_CAP_S)))
 
-    def evaluate(self, now: float, *, force: bool = False) -> None:
-        """Log an ``eval`` record of this node's model when one is due."""
-        if self.evaluator is not None:
-            self.evaluator.maybe_log(self.log, now, self.step, self.params, force=force)
-
-    # -- phases -------------------------------------------------------------
-    def train(self) -> None:
-        """Take ``total_steps`` local steps, applying and relaying deltas as they arrive."""
-        log_every_s = self.config.log_interval_s
-        model, optimizer, sampler, protocol, transport = (
-            self.model,
-            self.optimizer,
-            self.sampler,
-            self.protocol,
-            self.transport,
-        )
-        X, y, params, grad = self.X, self.y, self.params, self._grad
-        slowdown = self.slowdown if self.slowdown.factor > 1 else None
-        alone = not self.neighbours
-        max_lead = self.config.train.max_lead_steps
-        t_start = time.monotonic()
-        self._interval_t = t_start
-        self.evaluate(t_start, force=True)
-        for _ in range(self.total_steps):
-            if self.stop_requested:
-                raise _Terminated
-            if slowdown is not None:
-                t_iteration = time.perf_counter()
-            self._receive_all()
-            if max_lead is not None and protocol.lead_steps() > max_lead:
-                waited_s = self._wait_lead(max_lead)
-                if slowdown is not None:
-                    t_iteration += waited_s
-            if transport.has_pending and self._backlogged():
-                waited_s = self._wait_backlog()
-                if slowdown is not None:  # waiting is not work a slower machine would stretch
-                    t_iteration += waited_s
-            idx = sampler.next_batch()
-            loss, _ = model.loss_and_grad(params, X[idx], y[idx], out=grad)
-            update = optimizer.update(grad)
-            params += update
-            if not math.isfinite(loss):
-                raise Diverged(
-                    f"node {self.node_id} diverged at step {self.step} (loss {loss}): lower --lr"
-                )
-            self._loss_sum += loss
-            self._loss_count += 1
-            if alone:  # no neighbours: plain SGD, no delta to keep (delta_sum is params - x0)
-                protocol.local_step()
-            else:
-                self.accumulate(update)
-                out = protocol.local_step()
-                if out is not None:
-                    self._seal_and_send(out)
-            if slowdown is not None:  # the whole iteration (receive, apply, step, send) is slower
-                slowdown.after_step(time.perf_counter() - t_iteration)
-            now = time.monotonic()
-            if now - self._interval_t >= log_every_s:
-                self._interval(now, "train")
-            self.evaluate(now)
-        self.train_s = time.monotonic() - t_start
-        if alone:
-            self.delta_sum = self.params - self._x0
-        self._interval(time.monotonic(), "train")
-
-    def _wait_lead(self, max_lead: int) -> float:
-        """The optional lead bound: receive until no live neighbour is more than ``max_lead`` steps behind.
-
-        Returns
-        -------
-        float
-            Seconds waited.
+    def _wait_message(self, why: str, since: float) -> bool:
+        """Handle messages for a short while; True if any arrived.
 
         Raises
         ------
         TransportError
-            If no message arrives for ``send_timeout_s`` while waiting.
+            If nothing arrived for ``send_timeout_s`` since ``since`` (a
+            neighbour, worker or the server is gone) or a neighbour accepts nothing.
         """
+        self._check_stop()
+        transport = self.transport
         tc = self.config.transport
-        t = time.perf_counter()
-        last_message = time.monotonic()
-        while self.protocol.lead_steps() > max_lead:
-            if self.stop_requested:
-                raise _Terminated
-            self.transport.flush()
-            now = time.monotonic()
-            if self._receive_all(timeout_s=self.transport.wait_cap_s(0.005)):
-                last_message = now
-            elif now - last_message > tc.send_timeout_s:
-                raise TransportError(
-                    f"node {self.node_id} waited {now - last_message:.0f} s for its neighbours to catch up "
-                    f"(--max-lead-steps {max_lead}); is one of them alive?"
-                )
-        waited = time.perf_counter() - t
-        self.lead_waits += 1
-        self.lead_wait_s += waited
-        return waited
+        transport.flush()
+        transport.check_stalled(tc.send_timeout_s)
+        if self._receive_all(timeout_s=transport.wait_cap_s(POLL_CAP_S)):
+            return True
+        waited_s = time.monotonic() - since
+        if why == WAIT_BACKLOG or why == WAIT_DRAIN:
+            return False  # the transport's stall check and the drain deadline apply
+        if isinstance(self.machine, PSServer) and waited_s > IDLE_CHECK_S:
+            self.machine.check_model()  # a diverged model silences the workers: say why
+        if waited_s > tc.send_timeout_s:
+            what = {
+                WAIT_LEAD: f"its neighbours to catch up (--max-lead-steps {self.config.train.max_lead_steps}); is one of them alive?",
+            }.get(
+                why,
+                "a message: "
+                + (
+                    "gradient from any worker"
+                    if isinstance(self.machine, PSServer)
+                    else "model from the server"
+                ),
+            )
+            raise TransportError(f"node {self.machine.node_id} waited {waited_s:.0f} s for {what}")
+        return False
 
-    def _backlogged(self) -> bool:
-        """Flush; True while more than ``max_backlog_msgs`` messages or ``queue_bytes`` wait."""
-        tc = self.config.transport
-        waiting = self.transport.flush()
-        return waiting > tc.max_backlog_msgs or (
-            waiting > 0 and self.transport.backlog_bytes > tc.queue_bytes
+    # -- records ---------------------------------------------------------------
+    def _interval(self, now: float, phase: str) -> None:
+        machine = self.machine
+        fields = machine.interval_fields(now)
+        fields.setdefault("phase", phase)
+        record = self.log.log(
+            now,
+            "interval",
+            machine.progress_step,
+            **fields,
+            malformed=self.malformed,
+            **self.transport.counters(),
         )
+        self._interval_t = now
+        if self.on_progress is not None:
+            self.on_progress(record)
 
-    def _wait_backlog(self) -> float:
-        """Backpressure: keep receiving until the backlog is short again (or a neighbour is dead).
+    def _evaluate(self, now: float, *, force: bool = False) -> None:
+        if self.evaluator is not None:
+            params = self.machine.x if isinstance(self.machine, PSServer) else self.machine.params
+            self.evaluator.maybe_log(self.log, now, self.machine.progress_step, params, force=force)
 
-        Returns
-        -------
-        float
-            Seconds waited.
-        """
+    # -- the loop --------------------------------------------------------------
+    def run(self) -> None:
+        """Drive the machine until it is done (or a deadline, signal or error stops it)."""
+        machine, transport = self.machine, self.transport
         tc = self.config.transport
-        t = time.perf_counter()
-        while self._backlogged():
-            self.transport.check_stalled(tc.send_timeout_s)
-            self._receive_all(timeout_s=self.transport.wait_cap_s(0.005))
-            if self.stop_requested:
-                raise _Terminated
-        return time.perf_counter() - t
-
-    def drain(self) -> None:
-        """Stop stepping; keep applying and relaying until every node holds every delta.
-
-        Gives up after ``drain_timeout_s`` without any incoming message (logged
-        as ``drain_timeout`` with what is missing).
-        """
-        tc = self.config.transport
-        t_start = time.monotonic()
-        for out in self.protocol.finish():
-            if out.header.kind != "delta":
-                self._send(out)
-            elif self.neighbours:  # a lone node kept no open delta (see train)
-                self._seal_and_send(out)
-        last_message = time.monotonic()
-        # a message may spend the longest link latency in flight: not silence
-        drain_timeout_s = tc.drain_timeout_s + max(self.transport.latency_s.values(), default=0.0)
-        self.log.flush()
+        log_every_s = self.config.log_interval_s
+        slowed = machine.slowdown.factor > 1 if hasattr(machine, "slowdown") else False
+        now = time.monotonic()
+        self._interval_t = now
+        self._evaluate(now, force=True)
+        mark = time.perf_counter()
+        waiting_since = None  # when the current wait for a message began
+        drain_since = None
+        phase = "train"
         while True:
-            announce = self.protocol.announce_complete()
-            if announce is not None:
-                self._send(announce)
-            if self.protocol.can_stop:
+            self._check_stop()
+            work_s = 0.0
+            if slowed:  # this process's own work since the last call, waits excluded
+                t = time.perf_counter()
+                work_s = max(0.0, t - mark - self._waited_s)
+                mark, self._waited_s = t, 0.0
+            backlog_msgs = backlog_bytes = 0
+            if transport.has_pending:
+                backlog_msgs = transport.flush()
+                backlog_bytes = transport.backlog_bytes
+            now = time.monotonic()
+            sends, wait = machine.advance(
+                now, work_s=work_s, backlog_msgs=backlog_msgs, backlog_bytes=backlog_bytes
+            )
+            for out in sends:
+                self._send(out)
+            if wait is CONTINUE:
+                self._receive_all()
+                waiting_since = None
+            elif wait is DONE:
                 self.drained = True
                 break
-            if self.stop_requested:
-                raise _Terminated
-            self.transport.flush()
-            self.transport.check_stalled(tc.send_timeout_s)
+            elif isinstance(wait, float):
+                self._wait_until(wait)
+                waiting_since = None
+            else:
+                if wait is WAIT_DRAIN and drain_since is None:
+                    phase = "drain"
+                    drain_since = waiting_since = now
+                    if getattr(machine, "t_train_end", None) is not None:
+                        self._interval(now, "train")
+                    self.log.flush()
+                if waiting_since is None:
+                    waiting_since = now
+                if self._wait_message(wait, waiting_since):
+                    waiting_since = time.monotonic()
+                elif wait is WAIT_DRAIN:
+                    # a message may spend the longest link latency in flight: not silence
+                    limit_s = tc.drain_timeout_s + max(transport.latency_s.values(), default=0.0)
+                    silent_s = time.monotonic() - waiting_since
+                    if silent_s > limit_s:
+                        self.log.log(
+                            time.monotonic(),
+                            "drain_timeout",
+                            machine.progress_step,
+                            waited_s=silent_s,
+                            **machine.protocol.missing,
+                        )
+                        self.log.flush()
+                        break
             now = time.monotonic()
-            if self._receive_all(timeout_s=self.transport.wait_cap_s(0.01)):
-                last_message = now
-            elif now - last_message > drain_timeout_s:
-                self.log.log(
-                    "drain_timeout", self.step, waited_s=now - last_message, **self.protocol.missing
-                )
-                self.log.flush()
-                break
-            if now - self._interval_t >= self.config.log_interval_s:
-                self._interval(now, "drain")
-        # let the last messages (our `complete`) leave; neighbours that still need them are alive
+            if now - self._interval_t >= log_every_s:
+                self._interval(now, phase)
+            self._evaluate(now)
+        self._let_last_messages_leave()
+        now = time.monotonic()
+        self._interval(now, phase)
+        self._evaluate(now, force=True)
+
+    def _let_last_messages_leave(self) -> None:
+        """After the end: let queued messages leave while the peers that need them are alive."""
+        transport = self.transport
         deadline = (
             time.monotonic()
-            + min(tc.send_timeout_s, 5.0)
-            + max(self.transport.latency_s.values(), default=0.0)
+            + min(self.config.transport.send_timeout_s, 5.0)
+            + max(transport.latency_s.values(), default=0.0)
         )
-        while (
-            self.transport.has_pending and time.monotonic() < deadline and not self.stop_requested
-        ):
-            self.transport.flush()
-            self._receive_all(timeout_s=self.transport.wait_cap_s(0.005))
-        self.drain_s = time.monotonic() - t_start
-        self._interval(time.monotonic(), "drain")
-        self.evaluate(time.monotonic(), force=True)
+        while transport.has_pending and time.monotonic() < deadline and not self.stop_requested:
+            transport.flush()
+            self._receive_all(timeout_s=transport.wait_cap_s(0.005))
 
-    def run(self) -> None:
-        """Train, then drain."""
-        self.train()
-        self.drain()
-
-    def start_fields(self) -> dict:
-        """What the ``start`` record says about this node."""
-        return {"role": "node", "shard_size": len(self.y), "total_steps": self.total_steps}
-
-    def write_results(self) -> None:
-        """Final model, own-delta sum and the ``final`` log record."""
-        np.save(self.run_dir / f"node-{self.node_id}.npy", self.params)
-        np.save(self.run_dir / f"node-{self.node_id}.delta_sum.npy", self.delta_sum)
+    # -- results -----------------------------------------------------------------
+    def write_results(self, run_dir: Path, name: str) -> None:
+        """The final model (and a DASGD node's own-delta sum) and the ``final`` record."""
+        machine = self.machine
+        if isinstance(machine, PSServer):
+            np.save(run_dir / "server.npy", machine.x)
+        elif isinstance(machine, DasgdNode):
+            np.save(run_dir / f"{name}.npy", machine.params)
+            np.save(run_dir / f"{name}.delta_sum.npy", machine.delta_sum)
+        fields = machine.final_fields()
+        if isinstance(machine, DasgdNode):
+            fields["drained"] = self.drained
         self.log.log(
+            time.monotonic(),
             "final",
-            self.step,
-            train_s=self.train_s,
-            drain_s=self.drain_s,
+            machine.progress_step,
+            **fields,
             eval_s=self.evaluator.eval_s if self.evaluator else 0.0,
-            slowdown_factor=self.slowdown.factor,
-            slept_s=self.slowdown.slept_s,
-            gradients_per_s=self.step / self.train_s if self.train_s > 0 else None,
-            drained=self.drained,
             malformed=self.malformed,
-            delay_rule=self._delay_rule,
-            deltas_dropped=self.deltas_dropped,
-            lead_waits=self.lead_waits,
-            lead_wait_s=self.lead_wait_s,
-            optimizer=self.optimizer.state_dict(),
             **self.transport.counters(),
-            **self.protocol.summary(),
         )
 
 
@@ -555,44 +436,47 @@ def _control_recv(sock: zmq.Socket, timeout_s: float, *, parent_pid: int, should
 
 def log_name(config: RunConfig, node_id: int) -> str:
     """File stem of a process's log and outputs: ``node-<i>``, or ``server`` for the parameter server."""
-    return (
-        "server" if config.algorithm != "dasgd" and node_id == config.n_nodes else f"node-{node_id}"
-    )
+    return "server" if is_server(config, node_id) else f"node-{node_id}"
 
 
-def _build_role(config: RunConfig, node_id: int, run_dir: Path, meta: dict):
-    """The DASGD node, PS worker or PS server this process is, and its neighbours."""
+def _build(config: RunConfig, node_id: int, run_dir: Path, meta: dict):
+    """The machine this process drives, its neighbours and its evaluator."""
     data = run_dir / "data"
     n = config.n_nodes
-    if config.algorithm == "dasgd" or node_id < n:
-        X = np.load(data / f"shard-{node_id}-X.npy")
-        y = np.load(data / f"shard-{node_id}-y.npy")
+    shard = None
+    if not is_server(config, node_id):
+        shard = (np.load(data / f"shard-{node_id}-X.npy"), np.load(data / f"shard-{node_id}-y.npy"))
+    neighbours, adjacency = [], None
     if config.algorithm == "dasgd":
         graph = parse_topology(str(run_dir / "topology.json"), n)
         neighbours = topology_neighbours(graph, node_id)
-        adjacency = {k: topology_neighbours(graph, k) for k in graph}
-        role = Node(
-            config, node_id, neighbours, X, y, meta["n_classes"], run_dir, adjacency=adjacency
-        )
+        adjacency = adjacency_sets({k: topology_neighbours(graph, k) for k in graph})
+    elif is_server(config, node_id):
+        neighbours = list(range(n))
     else:
-        from .ps import Server, Worker
-
-        if node_id < n:
-            neighbours = [n]
-            role = Worker(config, node_id, X, y, meta["n_classes"], run_dir)
-        else:
-            neighbours = list(range(n))
-            role = Server(
-                config, meta["n_features"], meta["n_classes"], meta["shard_sizes"], run_dir
-            )
+        neighbours = [n]
     factors = meta["emulation"]["slowdown_factors"]
-    role.slowdown = Slowdown(factors[node_id] if node_id < len(factors) else 1.0)
-    if config.eval_interval_s is not None and hasattr(role, "evaluator"):
-        X_test = np.load(data / "test-X.npy").astype(role.dtype, copy=False)
-        role.evaluator = Evaluator(
-            role.model, X_test, np.load(data / "test-y.npy"), config.eval_interval_s
-        )
-    return role, neighbours
+    machine = build_machine(
+        config,
+        node_id,
+        n_features=meta["n_features"],
+        n_classes=meta["n_classes"],
+        shard=shard,
+        shard_sizes=meta["shard_sizes"],
+        neighbours=neighbours,
+        adjacency=adjacency,
+        slowdown_factor=factors[node_id] if node_id < len(factors) else 1.0,
+    )
+    evaluator = None
+    if config.eval_interval_s is not None and not (config.algorithm != "dasgd" and node_id < n):
+        X_test = np.load(data / "test-X.npy").astype(machine.dtype, copy=False)
+        model = machine.model if hasattr(machine, "model") else None
+        if model is None:
+            from ..build import build_run_model
+
+            model = build_run_model(config, meta["n_features"], meta["n_classes"])
+        evaluator = Evaluator(model, X_test, np.load(data / "test-y.npy"), config.eval_interval_s)
+    return machine, neighbours, evaluator
 
 
 def node_main(run_dir: str, node_id: int, control_address: str) -> int:
@@ -621,11 +505,12 @@ def node_main(run_dir: str, node_id: int, control_address: str) -> int:
     control.setsockopt(zmq.LINGER, 2000)
     control.setsockopt(zmq.SNDTIMEO, 5000)  # no send to the launcher waits forever
     control.connect(control_address)
-    role = None
+    driver = None
+    transport = None
 
     def on_term(signum, frame):
-        if role is not None:
-            role.stop_requested = True
+        if driver is not None:
+            driver.stop_requested = True
         else:
             raise _Terminated
 
@@ -633,47 +518,48 @@ def node_main(run_dir: str, node_id: int, control_address: str) -> int:
     signal.signal(signal.SIGINT, on_term)
     try:
         meta = json.loads((run_dir / "data" / "meta.json").read_text())
-        role, neighbours = _build_role(config, node_id, run_dir, meta)
+        machine, neighbours, evaluator = _build(config, node_id, run_dir, meta)
+        pool = BufferPool(machine.n_params, machine.dtype)
+        machine.new_buffer = pool.take  # buffers ZeroMQ has released
         tc = config.transport
         bind = inbox_address(
             tc.kind, node_id, host=tc.host, base_port=tc.base_port, ipc_dir=meta["ipc_dir"]
         )
-        message_bytes = role.n_params * role.dtype.itemsize
+        message_bytes = machine.n_params * machine.dtype.itemsize
         links = (key.split("-") for key in meta["emulation"]["latency_s"])
         delays = meta["emulation"]["latency_s"]
-        role.transport = Transport(
+        transport = Transport(
             node_id,
             bind,
             latency_s={int(v): delays[f"{u}-{v}"] for u, v in links if int(u) == node_id},
             hwm_msgs=queue_limit_msgs(tc, message_bytes),
             max_message_bytes=message_bytes + wire.MAX_HEADER_BYTES + 4096,
         )
-        address = role.transport.start()
+        address = transport.start()
         _control_send(
             control, {"kind": "ready", "node": node_id, "address": address, "pid": os.getpid()}
         )
         start = _control_recv(
-            control,
-            tc.ready_timeout_s * 2,
-            parent_pid=parent_pid,
-            should_stop=lambda: role.stop_requested,
+            control, tc.ready_timeout_s * 2, parent_pid=parent_pid, should_stop=lambda: False
         )
         if start.get("kind") != "start":
             raise TransportError(f"expected start from the launcher, got {start.get('kind')!r}")
         addresses = {int(k): v for k, v in start["addresses"].items()}
-        role.transport.connect({u: addresses[u] for u in neighbours})
+        transport.connect({u: addresses[u] for u in neighbours})
         name = log_name(config, node_id)
+        t0 = time.monotonic()
         with EventLog(
-            run_dir / f"{name}.jsonl", node_id, flush_interval_s=config.log_interval_s
+            run_dir / f"{name}.jsonl", node_id, flush_interval_s=config.log_interval_s, t0=t0
         ) as log:
-            role.log = log
+            driver = Driver(machine, config, transport, log, pool, evaluator)
             log.log(
+                t0,
                 "start",
                 0,
                 neighbours=neighbours,
-                n_params=role.n_params,
+                n_params=machine.n_params,
                 address=address,
-                **role.start_fields(),
+                **machine.start_fields(),
             )
 
             def progress(record):
@@ -681,9 +567,9 @@ def node_main(run_dir: str, node_id: int, control_address: str) -> int:
                     raise TransportError("the launcher is gone")
                 _control_send(control, {"kind": "progress", **record}, droppable=True)
 
-            role.on_progress = progress
-            role.run()
-            role.write_results()
+            driver.on_progress = progress
+            driver.run()
+            driver.write_results(run_dir, name)
         _control_send(control, {"kind": "done", "node": node_id})
         return 0
     except _Terminated:
@@ -698,7 +584,7 @@ def node_main(run_dir: str, node_id: int, control_address: str) -> int:
             pass
         return 1
     finally:
-        if role is not None and role.transport is not None:
-            role.transport.close(linger_s=1.0)
+        if transport is not None:
+            transport.close(linger_s=1.0)
         control.close(linger=1000)
         ctx.term()

@@ -1,0 +1,422 @@
+"""The DASGD node as a clock-free state machine: every decision a node makes, no I/O.
+
+:class:`DasgdNode` owns one node's model vector, open delta, optimizer and
+mini-batch stream, and wraps the bookkeeping of
+:class:`~dasgd.core.protocol.NodeProtocol`. It never reads a clock, sleeps or
+touches a socket or file: the time is handed in (``now``, seconds on the
+driver's clock: wall time in the process runtime, virtual time in the
+simulator) and what to do is returned. The process runtime
+(:mod:`dasgd.runtime.node`) and the simulator (:mod:`dasgd.sim`) drive the
+same objects, so a simulated node decides exactly as a real one does.
+
+A driver repeats::
+
+    sends, wait = node.advance(now, work_s=..., backlog_msgs=..., backlog_bytes=...)
+    # put every Outgoing of `sends` on the wire, then (dasgd.core.actions):
+    #   wait == CONTINUE      -> handle waiting messages, call advance again
+    #   wait is a float t     -> until time t, handle messages as they arrive
+    #   wait in WAITS         -> handle messages until one arrives (with a deadline)
+    #   wait == DONE          -> write results, exit
+    # for every message:  sends = node.on_message(header, payload)
+
+One local step (ALGORITHMS.md §1): the gradient reads the model
+(:meth:`~dasgd.core.protocol.NodeProtocol.read_model` fixes the window's base),
+the node then waits the emulated compute time (``--compute-time``, times its
+slowdown factor, plus the time a slowed node owes for its real work) while
+messages keep arriving and being applied, and finally the update is added to
+the model and to the open delta, which is sealed every ``send_every`` steps.
+A gradient that waited is therefore applied to a newer model than the one it
+was computed on: the staleness a slow device causes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..errors import Diverged
+from . import wire
+from .actions import CONTINUE, DONE, WAIT_BACKLOG, WAIT_DRAIN, WAIT_LEAD
+from .emulation import ComputeTime, Slowdown
+from .protocol import NodeProtocol, Outgoing
+
+__all__ = ["DasgdNode"]
+
+_NOTHING: tuple = ()
+
+
+class DasgdNode:
+    """One DASGD node's state and decisions, handed the time and returning actions.
+
+    Parameters
+    ----------
+    node_id : int
+    neighbours : iterable of int
+    n_nodes : int
+    model : dasgd.ml.models.Model
+        Computes ``loss_and_grad(params, X, y, out=grad)``.
+    X : ndarray of shape (m, d), the model's dtype
+        This node's training shard; ``y`` : ndarray of shape (m,), int64.
+    x0 : ndarray of shape (n_params,)
+        The common initial model (copied).
+    optimizer : dasgd.ml.optim optimizer
+        ``update(grad) -> ndarray`` returns the parameter change.
+    sampler : dasgd.ml.data.BatchSampler
+    total_steps : int
+        Local steps to take before draining.
+    send_every : int
+        b: local steps per sealed delta.
+    compute_time : ComputeTime, optional
+        Emulated seconds per gradient (already times the slowdown factor).
+    slowdown_factor : float, default 1
+        >= 1: the node owes (factor - 1) times its reported work
+        (``advance(work_s=...)``) as waits between read and update.
+    delay_rule : {"none", "inverse", "drop"}
+        Named in the records; ``delay_scale`` applies it.
+    delay_scale : callable, optional
+        ``delay_scale(staleness_steps) -> float``: the factor a received delta
+        is applied with (Koloskova et al. 2022, Eq. (11), applied to apply
+        staleness: an extension the papers do not analyse, ALGORITHMS.md §4);
+        0 drops it. None: every delta is applied as it is.
+    max_lead_steps : int or None
+        Optional lead bound (see :meth:`NodeProtocol.lead_steps`).
+    max_backlog_msgs, max_backlog_bytes : int
+        Backpressure: no step while more messages (or, with any message
+        waiting, more bytes) than this wait to be sent.
+    adjacency : mapping of int to set of int, optional
+        The whole topology, for the pruned relay (:class:`NodeProtocol`).
+    check_finite : bool
+        Reject received deltas holding NaN or inf (:class:`~dasgd.errors.WireError`).
+    new_buffer : callable, optional
+        ``new_buffer() -> ndarray`` of shape (n_params,): a fresh open-delta
+        buffer after a seal hands the sealed one to the driver. Default
+        ``np.empty``; the runtime passes a pool of buffers ZeroMQ has released.
+    vv_dtype : numpy integer dtype
+        Of the version vectors (see :class:`NodeProtocol`).
+
+    Attributes
+    ----------
+    params : ndarray of shape (n_params,)
+        The model x_i.
+    delta_sum : ndarray of shape (n_params,)
+        Sum of this node's own sealed deltas (for the run's oracle check).
+    protocol : NodeProtocol
+
+    References
+    ----------
+    M. Tosi, M. Theobald, "Convergence Analysis of Decentralized ASGD",
+    arXiv 2309.03754, 2023, Algorithm 1 (ALGORITHMS.md §1).
+    """
+
+    def __init__(
+        self,
+        node_id: int,
+        neighbours,
+        n_nodes: int,
+        *,
+        model,
+        X,
+        y,
+        x0: np.ndarray,
+        optimizer,
+        sampler,
+        total_steps: int,
+        send_every: int,
+        compute_time: ComputeTime | None = None,
+        slowdown_factor: float = 1.0,
+        delay_rule: str = "none",
+        delay_scale=None,
+        max_lead_steps: int | None = None,
+        max_backlog_msgs: int = 32,
+        max_backlog_bytes: int = 64 << 20,
+        adjacency=None,
+        check_finite: bool = True,
+        new_buffer=None,
+        vv_dtype=np.int64,
+    ) -> None:
+        self.node_id = node_id
+        self.neighbours = sorted(neighbours)
+        self.n_nodes = n_nodes
+        self.model = model
+        self.X, self.y = X, y
+        self.params = np.array(x0, copy=True)
+        self.dtype = self.params.dtype
+        self.n_params = self.params.size
+        self._x0 = self.params.copy()
+        # in the model's dtype: a float64 sum of float32 deltas doubles the cost of sealing
+        self.delta_sum = np.zeros(self.n_params, dtype=self.dtype)
+        self.optimizer = optimizer
+        self.sampler = sampler
+        self.total_steps = total_steps
+        self.compute_time = compute_time
+        self.slowdown = Slowdown(slowdown_factor)
+        self.delay_rule = delay_rule
+        self.delay_scale = delay_scale
+        self.max_lead_steps = max_lead_steps
+        self.max_backlog_msgs = max_backlog_msgs
+        self.max_backlog_bytes = max_backlog_bytes
+        self.check_finite = check_finite
+        self.new_buffer = new_buffer or (lambda: np.empty(self.n_params, dtype=self.dtype))
+        self.protocol = NodeProtocol(
+            node_id,
+            self.neighbours,
+            n_nodes,
+            send_every,
+            n_params=self.n_params,
+            dtype=self.dtype.name,
+            adjacency=adjacency,
+            vv_dtype=vv_dtype,
+        )
+        self.alone = not self.neighbours
+        self.open_delta = self.new_buffer()
+        self._grad = np.empty(self.n_params, dtype=self.dtype)
+        self._update: np.ndarray | None = None  # the change of the step in flight
+        self._compute_end = 0.0
+        self.phase = "ready"  # ready -> computing -> ready ... -> draining -> done
+        self.deltas_dropped = 0
+        self.lead_waits = 0
+        self.backlog_waits = 0
+        self.compute_s = 0.0
+        self.t_start: float | None = None
+        self.t_train_end: float | None = None
+        self.t_done: float | None = None
+        self._loss_sum = 0.0
+        self._loss_count = 0
+        self._interval_t = 0.0
+        self._interval_step = 0
+
+    # -- state -------------------------------------------------------------
+    @property
+    def step(self) -> int:
+        """Local steps taken so far."""
+        return int(self.protocol.vv[self.node_id])
+
+    progress_step = step
+
+    @property
+    def drained(self) -> bool:
+        return self.phase == "done"
+
+    # -- messages ------------------------------------------------------------
+    def on_message(self, header: wire.Header, payload) -> list[Outgoing] | tuple:
+        """Handle one decoded message from a neighbour: apply a new delta, return the relays.
+
+        Parameters
+        ----------
+        header : Header
+        payload : ndarray of shape (n_params,) or None
+            The delta (read only; never kept).
+
+        Returns
+        -------
+        list of Outgoing
+            The relay of the same message (its ``payload`` is ``payload``
+            itself, so a driver may forward the frame it received), or empty.
+
+        Raises
+        ------
+        WireError
+            The message is not valid here (see :meth:`NodeProtocol.receive`),
+            or a new delta holds NaN or inf; nothing was changed.
+        """
+        protocol = self.protocol
+        if self.check_finite and payload is not None and protocol.is_new_delta(header):
+            wire.check_finite_array(header, payload)  # only for deltas that will be applied
+        apply, forward = protocol.receive(header)
+        if apply:
+            if self.delay_scale is None:
+                self.params += payload
+            else:  # extension: scale by apply staleness (models then differ between nodes)
+                scale = self.delay_scale(protocol.last_apply_staleness)
+                if scale > 0:
+                    self.params += scale * payload
+                else:
+                    self.deltas_dropped += 1
+        if forward is None:
+            return _NOTHING
+        forward.payload = payload
+        return [forward]
+
+    # -- stepping ------------------------------------------------------------
+    def advance(
+        self,
+        now: float,
+        *,
+        work_s: float = 0.0,
+        backlog_msgs: int = 0,
+        backlog_bytes: int = 0,
+    ):
+        """Do what is due at time ``now``.
+
+        Parameters
+        ----------
+        now : float
+            The driver's clock, in seconds.
+        work_s : float
+            Seconds of this node's own work at full speed since the previous
+            call (measured by the runtime, modelled by the simulator); a
+            slowed node owes (factor - 1) times it.
+        backlog_msgs, backlog_bytes : int
+            Messages and bytes waiting to be sent (backpressure).
+
+        Returns
+        -------
+        sends : list of Outgoing
+            To put on the wire now, in order.
+        wait : float or str
+            A time to wait until (handling messages meanwhile), or one of
+            :data:`CONTINUE`, :data:`WAIT_LEAD`, :data:`WAIT_BACKLOG`,
+            :data:`WAIT_DRAIN`, :data:`DONE`.
+
+        Raises
+        ------
+        Diverged
+            If the local loss is not finite.
+        """
+        if work_s:
+            self.slowdown.owe(work_s)
+        sends = _NOTHING
+        if self.phase == "computing":
+            if now < self._compute_end:
+                return _NOTHING, self._compute_end
+            sends = self._end_step()
+            self.phase = "ready"
+        if self.phase == "ready":
+            if self.t_start is None:
+                self.t_start = self._interval_t = now
+            if self.step >= self.total_steps:
+                self.t_train_end = now
+                sends = [*sends, *self._finish()]
+                self.phase = "draining"
+            else:
+                if self.max_lead_steps is not None and (
+                    self.protocol.lead_steps() > self.max_lead_steps
+                ):
+                    self.lead_waits += 1
+                    return sends, WAIT_LEAD
+                if backlog_msgs > self.max_backlog_msgs or (
+                    backlog_msgs and backlog_bytes > self.max_backlog_bytes
+                ):
+                    self.backlog_waits += 1
+                    return sends, WAIT_BACKLOG
+                duration_s = self._begin_step()
+                if duration_s > 0:
+                    self.compute_s += duration_s
+                    self._compute_end = now + duration_s
+                    self.phase = "computing"
+                    return sends, self._compute_end
+                end = self._end_step()
+                return (end if not sends else [*sends, *end]), CONTINUE
+        # draining
+        announce = self.protocol.announce_complete()
+        if announce is not None:
+            sends = [*sends, announce]
+        if self.protocol.can_stop:
+            self.phase = "done"
+            self.t_done = now
+            return sends, DONE
+        return sends, WAIT_DRAIN
+
+    def _begin_step(self) -> float:
+        """Read the model, compute the gradient and the update; return the emulated seconds it takes."""
+        self.protocol.read_model()
+        idx = self.sampler.next_batch()
+        loss, _ = self.model.loss_and_grad(self.params, self.X[idx], self.y[idx], out=self._grad)
+        if not math.isfinite(loss):
+            raise Diverged(
+                f"node {self.node_id} diverged at step {self.step} (loss {loss}): lower --lr"
+            )
+        self._loss_sum += loss
+        self._loss_count += 1
+        self._update = self.optimizer.update(self._grad)
+        duration_s = self.compute_time.sample() if self.compute_time is not None else 0.0
+        return duration_s + self.slowdown.take()
+
+    def _end_step(self):
+        """Add the update to the model and the open delta; seal every ``send_every`` steps."""
+        update = self._update
+        self.params += update
+        self._update = None
+        if self.alone:  # plain SGD: no delta to keep (delta_sum is params - x0 at the end)
+            self.protocol.local_step()
+            return _NOTHING
+        if self.protocol.window_steps:
+            self.open_delta += update
+        else:  # a window's first step overwrites the buffer, which is never zeroed
+            np.copyto(self.open_delta, update)
+        out = self.protocol.local_step()
+        if out is None:
+            return _NOTHING
+        return [self._seal(out)]
+
+    def _seal(self, out: Outgoing) -> Outgoing:
+        sealed = self.open_delta
+        self.delta_sum += sealed
+        out.payload = sealed  # handed over: this node never writes into it again
+        self.open_delta = self.new_buffer()
+        return out
+
+    def _finish(self) -> list[Outgoing]:
+        """Stop stepping: seal the partial window and flood the ``fin`` (drain, DESIGN.md §8)."""
+        if self.alone:
+            self.delta_sum = self.params - self._x0
+        sends = []
+        for out in self.protocol.finish():
+            if out.header.kind == "delta":
+                if self.alone:  # a lone node kept no open delta
+                    continue
+                out = self._seal(out)
+            sends.append(out)
+        return sends
+
+    # -- records -------------------------------------------------------------
+    def interval_fields(self, now: float) -> dict:
+        """Fields of an ``interval`` record since the previous call (then reset)."""
+        dt = now - self._interval_t
+        fields = {
+            "epoch": self.sampler.epoch,
+            "loss": self._loss_sum / self._loss_count if self._loss_count else None,
+            "steps_per_s": (self.step - self._interval_step) / dt if dt > 0 else None,
+            "deltas_applied": int(self.protocol.applied_deltas.sum()),
+            "duplicates": self.protocol.duplicates,
+            **self.protocol.staleness.interval(),
+        }
+        self._loss_sum, self._loss_count = 0.0, 0
+        self._interval_t, self._interval_step = now, self.step
+        return fields
+
+    @property
+    def train_s(self) -> float:
+        if self.t_start is None or self.t_train_end is None:
+            return 0.0
+        return self.t_train_end - self.t_start
+
+    @property
+    def drain_s(self) -> float:
+        if self.t_train_end is None or self.t_done is None:
+            return 0.0
+        return self.t_done - self.t_train_end
+
+    def final_fields(self) -> dict:
+        """Fields of the ``final`` record (totals of the whole run)."""
+        train_s = self.train_s
+        return {
+            "train_s": train_s,
+            "drain_s": self.drain_s,
+            "slowdown_factor": self.slowdown.factor,
+            "slept_s": self.slowdown.slept_s,
+            "compute_s": self.compute_s,
+            "gradients_per_s": self.step / train_s if train_s > 0 else None,
+            "drained": self.drained,
+            "delay_rule": self.delay_rule,
+            "deltas_dropped": self.deltas_dropped,
+            "lead_waits": self.lead_waits,
+            "backlog_waits": self.backlog_waits,
+            "optimizer": self.optimizer.state_dict(),
+            **self.protocol.summary(),
+        }
+
+    def start_fields(self) -> dict:
+        """What the ``start`` record says about this node."""
+        return {"role": "node", "shard_size": len(self.y), "total_steps": self.total_steps}
