@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 from dasgd.analysis.metrics import read_events
+from dasgd.build import build_machine
 from dasgd.config import DataConfig, ModelConfig, RunConfig, TrainConfig, TransportConfig
+from dasgd.core.wire import Header
 from dasgd.launch import run
 from dasgd.ml.data import BatchSampler
 from dasgd.ml.models import build_model
-from dasgd.build import build_machine
-from dasgd.core.wire import Header
 
 from .test_multiprocess import assert_gone, node_pids, start_command, wait_training
 
