@@ -6,6 +6,7 @@ no server, no barrier (Tosi & Theobald, arXiv 2309.03754). Where things live,
 lowest layer first:
 
 - :mod:`dasgd.errors`    -- ``DasgdError`` and its subclasses (``ConfigError`` ...)
+- :mod:`dasgd.validation` -- shared argument checks (``check_int``, ``check_dtype`` ...)
 - :mod:`dasgd.config`    -- frozen ``RunConfig`` and its groups, JSON round trip
 - :mod:`dasgd.wire`      -- the message format: msgpack header + raw array frame
 - :mod:`dasgd.topology`  -- graph builders, graph files, validation, spectral gap

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
+from ..validation import check_int, check_seed
 
 __all__ = [
     "DATASETS",
@@ -189,7 +190,7 @@ def load_dataset(
         raise DataError(f"dataset name {name!r} is not a string: {_VALID_NAMES}")
     name = os.fspath(name)
     test_fraction = _check_test_fraction(test_fraction)
-    seed = _check_seed(seed, "seed")
+    seed = check_seed(seed, error=DataError)
 
     X_test: np.ndarray | None = None
     y_test_raw: np.ndarray | None = None
@@ -245,19 +246,6 @@ def _check_test_fraction(test_fraction: float) -> float:
     if not (ok and 0.0 < float(test_fraction) < 1.0):
         raise DataError(f"test_fraction={test_fraction!r} is invalid: need a number in (0, 1)")
     return float(test_fraction)
-
-
-def _check_int(value: object, what: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise DataError(f"{what}={value!r} is invalid: need an integer >= {minimum}")
-    value = int(value)
-    if value < minimum:
-        raise DataError(f"{what}={value} is invalid: need an integer >= {minimum}")
-    return value
-
-
-def _check_seed(seed: object, what: str) -> int:
-    return _check_int(seed, what, 0)
 
 
 def _resolve_path(path_text: str, given: str) -> Path:
@@ -471,9 +459,9 @@ def shard_iid(n_samples: int, n_nodes: int, *, seed: int = 0) -> list[np.ndarray
         Sorted, disjoint index arrays whose union is ``range(n_samples)``;
         sizes differ by at most 1 (``np.array_split`` of a seeded permutation).
     """
-    n_samples = _check_int(n_samples, "n_samples", 1)
+    n_samples = check_int(n_samples, "n_samples", 1, error=DataError)
     n_nodes = _check_n_nodes(n_nodes, n_samples)
-    seed = _check_seed(seed, "seed")
+    seed = check_seed(seed, error=DataError)
     perm = np.random.default_rng(seed).permutation(n_samples).astype(np.int64)
     return [np.sort(part) for part in np.array_split(perm, n_nodes)]
 
@@ -526,7 +514,7 @@ def shard_by_label(y: np.ndarray, n_nodes: int, alpha: float, *, seed: int = 0) 
     if not ok or not (math.isfinite(float(alpha)) and float(alpha) > 0):
         raise DataError(f"alpha={alpha!r} is invalid: need a finite Dirichlet concentration > 0")
     alpha = float(alpha)
-    seed = _check_seed(seed, "seed")
+    seed = check_seed(seed, error=DataError)
 
     _, class_of = np.unique(y, return_inverse=True)
     class_of = class_of.reshape(-1)
@@ -598,7 +586,7 @@ def class_histogram(y: np.ndarray, n_classes: int) -> list[int]:
     list of int, length n_classes
         ``hist[k]`` = number of samples with ``y == k``.
     """
-    n_classes = _check_int(n_classes, "n_classes", 1)
+    n_classes = check_int(n_classes, "n_classes", 1, error=DataError)
     y = np.asarray(y)
     if y.ndim != 1 or (y.size and y.dtype.kind not in "iu"):
         raise DataError(
@@ -649,9 +637,9 @@ class BatchSampler:
     """
 
     def __init__(self, n_samples: int, batch_size: int, *, seed: int = 0) -> None:
-        self.n_samples = _check_int(n_samples, "n_samples", 1)
-        self.batch_size = _check_int(batch_size, "batch_size", 1)
-        self._rng = np.random.default_rng(_check_seed(seed, "seed"))
+        self.n_samples = check_int(n_samples, "n_samples", 1, error=DataError)
+        self.batch_size = check_int(batch_size, "batch_size", 1, error=DataError)
+        self._rng = np.random.default_rng(check_seed(seed, error=DataError))
         self._perm = self._new_permutation()
         self._pos = 0
         self._epoch = 0
@@ -721,8 +709,8 @@ def steps_for_epochs(epochs: float, n_samples: int, batch_size: int) -> int:
     ok = isinstance(epochs, numbers.Real) and not isinstance(epochs, bool)
     if not ok or not (math.isfinite(float(epochs)) and float(epochs) > 0):
         raise DataError(f"epochs={epochs!r} is invalid: need a finite number > 0")
-    n_samples = _check_int(n_samples, "n_samples", 1)
-    batch_size = _check_int(batch_size, "batch_size", 1)
+    n_samples = check_int(n_samples, "n_samples", 1, error=DataError)
+    batch_size = check_int(batch_size, "batch_size", 1, error=DataError)
     steps = float(epochs) * n_samples / batch_size
     nearest = round(steps)
     if abs(steps - nearest) <= 1e-9 * max(1.0, abs(steps)):

@@ -38,12 +38,12 @@ from __future__ import annotations
 
 import abc
 import math
-import operator
 from collections import OrderedDict
 
 import numpy as np
 
 from ..errors import ConfigError
+from ..validation import check_dtype, check_int, check_non_negative
 
 __all__ = [
     "MODELS",
@@ -73,39 +73,7 @@ _MAX_CACHED_VIEWS = 4
 
 
 # ---------------------------------------------------------------------------
-# validation helpers (one-line ConfigError messages naming the bad value)
-
-
-def _check_int(what: str, value, minimum: int) -> int:
-    if isinstance(value, bool):
-        raise ConfigError(f"{what} must be an integer >= {minimum}, got {value!r}")
-    try:
-        ivalue = operator.index(value)
-    except TypeError:
-        raise ConfigError(f"{what} must be an integer >= {minimum}, got {value!r}") from None
-    if ivalue < minimum:
-        raise ConfigError(f"{what} must be an integer >= {minimum}, got {value!r}")
-    return ivalue
-
-
-def _check_l2(l2) -> float:
-    try:
-        value = float(l2)
-    except (TypeError, ValueError):
-        raise ConfigError(f"l2 must be a finite number >= 0, got {l2!r}") from None
-    if isinstance(l2, bool) or not math.isfinite(value) or value < 0:
-        raise ConfigError(f"l2 must be a finite number >= 0, got {l2!r}")
-    return value
-
-
-def _check_dtype(dtype) -> np.dtype:
-    try:
-        dt = np.dtype(dtype)
-    except TypeError:
-        raise ConfigError(f"dtype must be float32 or float64, got {dtype!r}") from None
-    if dt.char not in "fd":
-        raise ConfigError(f"dtype must be float32 or float64, got {dt.name}")
-    return dt
+# model-specific checks (shared ones: dasgd.validation)
 
 
 def _check_hidden(hidden) -> tuple[int, ...]:
@@ -203,9 +171,9 @@ class Model(abc.ABC):
     l2: float
 
     def __init__(self, n_features: int, n_classes: int, *, l2: float = 0.0) -> None:
-        self.n_features = _check_int("n_features", n_features, 1)
-        self.n_classes = _check_int("n_classes", n_classes, 1)
-        self.l2 = _check_l2(l2)
+        self.n_features = check_int(n_features, "n_features", 1)
+        self.n_classes = check_int(n_classes, "n_classes", 1)
+        self.l2 = check_non_negative(l2, "l2")
         self._workspaces: OrderedDict = OrderedDict()
         self._l2_tmp: dict = {}
         self._views: dict = {}
@@ -453,7 +421,7 @@ class Model(abc.ABC):
 
 def _init_linear(model: Model, seed: int, dtype) -> np.ndarray:
     """Weights ``~ N(0, 0.01^2)`` (seeded, drawn in float64), biases zero."""
-    dt = _check_dtype(dtype)
+    dt = check_dtype(dtype)
     rng = np.random.default_rng(seed)
     params = np.zeros(model.n_params, dtype=np.float64)
     params[: model.n_weights] = rng.normal(0.0, _LINEAR_INIT_STD, size=model.n_weights)
@@ -729,7 +697,7 @@ class MLP(_FeedForward):
         return self._activation
 
     def init_params(self, seed: int = 0, dtype=np.float64) -> np.ndarray:
-        dt = _check_dtype(dtype)
+        dt = check_dtype(dtype)
         rng = np.random.default_rng(seed)
         params = np.zeros(self.n_params, dtype=np.float64)
         Ws, _ = self._unpack(params, cache=False)

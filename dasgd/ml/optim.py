@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import abc
 import math
-import operator
 
 import numpy as np
 
 from ..errors import ConfigError
+from ..validation import check_dtype, check_int, check_positive, check_unit_interval
 
 __all__ = [
     "OPTIMIZERS",
@@ -49,55 +49,6 @@ OPTIMIZERS: tuple[str, ...] = ("sgd", "momentum", "amsgrad")
 
 DELAY_RULES: tuple[str, ...] = ("none", "inverse", "drop")
 """Rules of :func:`delay_adaptive_lr` for a delay above the concurrency."""
-
-
-# ---------------------------------------------------------------------------
-# validation helpers (one-line ConfigError messages naming the bad value)
-
-
-def _check_lr(lr, what: str = "lr") -> float:
-    if isinstance(lr, bool):
-        raise ConfigError(f"{what} must be a finite number > 0, got {lr!r}")
-    try:
-        value = float(lr)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{what} must be a finite number > 0, got {lr!r}") from None
-    if not math.isfinite(value) or value <= 0.0:
-        raise ConfigError(f"{what} must be a finite number > 0, got {lr!r}")
-    return value
-
-
-def _check_unit_interval(value, what: str) -> float:
-    """A number in [0, 1)."""
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{what} must be a number in [0, 1), got {value!r}") from None
-    if isinstance(value, bool) or not 0.0 <= x < 1.0:
-        raise ConfigError(f"{what} must be a number in [0, 1), got {value!r}")
-    return x
-
-
-def _check_int(value, what: str, minimum: int) -> int:
-    if isinstance(value, bool):
-        raise ConfigError(f"{what} must be an integer >= {minimum}, got {value!r}")
-    try:
-        ivalue = operator.index(value)
-    except TypeError:
-        raise ConfigError(f"{what} must be an integer >= {minimum}, got {value!r}") from None
-    if ivalue < minimum:
-        raise ConfigError(f"{what} must be an integer >= {minimum}, got {value!r}")
-    return ivalue
-
-
-def _check_dtype(dtype) -> np.dtype:
-    try:
-        dt = np.dtype(dtype)
-    except TypeError:
-        raise ConfigError(f"dtype must be float32 or float64, got {dtype!r}") from None
-    if dt.char not in "fd":
-        raise ConfigError(f"dtype must be float32 or float64, got {dt.name}")
-    return dt
 
 
 # ---------------------------------------------------------------------------
@@ -131,9 +82,9 @@ class Optimizer(abc.ABC):
     lr: float
 
     def __init__(self, n_params: int, lr: float, *, dtype=np.float64) -> None:
-        self.n_params = _check_int(n_params, "n_params", 1)
-        self.lr = _check_lr(lr)
-        self.dtype = _check_dtype(dtype)
+        self.n_params = check_int(n_params, "n_params", 1)
+        self.lr = check_positive(lr, "lr")
+        self.dtype = check_dtype(dtype)
         self._u = np.zeros(self.n_params, dtype=self.dtype)
 
     def update(self, grad: np.ndarray, lr: float | None = None) -> np.ndarray:
@@ -246,7 +197,7 @@ class SGD(Optimizer):
         dtype=np.float64,
     ) -> None:
         super().__init__(n_params, lr, dtype=dtype)
-        self.momentum = _check_unit_interval(momentum, "momentum")
+        self.momentum = check_unit_interval(momentum, "momentum")
         if not isinstance(nesterov, (bool, np.bool_)):
             raise ConfigError(f"nesterov must be True or False, got {nesterov!r}")
         self.nesterov = bool(nesterov)
@@ -331,9 +282,9 @@ class AMSGrad(Optimizer):
         dtype=np.float64,
     ) -> None:
         super().__init__(n_params, lr, dtype=dtype)
-        self.beta1 = _check_unit_interval(beta1, "beta1")
-        self.beta2 = _check_unit_interval(beta2, "beta2")
-        self.eps = _check_lr(eps, "eps")
+        self.beta1 = check_unit_interval(beta1, "beta1")
+        self.beta2 = check_unit_interval(beta2, "beta2")
+        self.eps = check_positive(eps, "eps")
         self._m = np.zeros(self.n_params, dtype=self.dtype)
         self._v = np.zeros(self.n_params, dtype=self.dtype)
         self._v_hat = np.zeros(self.n_params, dtype=self.dtype)
@@ -413,7 +364,7 @@ def build_optimizer(
     if name == "sgd":
         return SGD(n_params, lr, dtype=dtype)
     if name == "momentum":
-        mu = _check_unit_interval(momentum, "momentum")
+        mu = check_unit_interval(momentum, "momentum")
         if mu == 0.0:
             raise ConfigError(
                 f"optimizer 'momentum' needs momentum in (0, 1), got {momentum!r}: use sgd"
@@ -468,9 +419,9 @@ def delay_adaptive_lr(
        for asynchronous SGD for distributed and federated learning", NeurIPS
        2022 (arXiv 2206.08307), Theorem 8, Eq. (11).
     """
-    lr = _check_lr(lr)
-    delay_steps = _check_int(delay_steps, "delay_steps", 0)
-    concurrency = _check_int(concurrency, "concurrency", 1)
+    lr = check_positive(lr, "lr")
+    delay_steps = check_int(delay_steps, "delay_steps", 0)
+    concurrency = check_int(concurrency, "concurrency", 1)
     if rule not in DELAY_RULES:
         raise ConfigError(f"unknown delay rule {rule!r}: choose one of {', '.join(DELAY_RULES)}")
     if delay_steps <= concurrency or rule == "none":
