@@ -302,6 +302,29 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("run", help="train with one process per node and print the summary")
     _add_run_options(p)
+    p = sub.add_parser(
+        "simulate",
+        help="simulate a run in virtual time (same node logic, many nodes) and print the summary",
+        description="A discrete-event simulation of every node, link and message of a run, "
+        "driving the same node state machines as `dasgd run` with real models and data. "
+        "Takes the options of `dasgd run`, plus link bandwidth and a nominal message size.",
+    )
+    _add_run_options(p)
+    g = p.add_argument_group("simulated links")
+    g.add_argument(
+        "--bandwidth",
+        default="",
+        metavar="SPEC",
+        help="link bandwidth in bits/s, e.g. 10G, 100Mbit, 1e9; each node's uplink is shared by "
+        "its messages (default: infinite)",
+    )
+    g.add_argument(
+        "--message-bytes",
+        type=int,
+        default=None,
+        help="nominal payload bytes of every model/delta/gradient message for transfer times, "
+        "e.g. 4000000 for a 1M-parameter float32 model (default: the real size)",
+    )
     p = sub.add_parser("summary", help="print the table of a finished run")
     p.add_argument("run_dir", help="a run directory (holds summary.json)")
     p.add_argument("--json", action="store_true", help="print summary.json instead of the table")
@@ -427,6 +450,33 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _cmd_simulate(args) -> int:
+    from .analysis.metrics import format_summary
+    from .config import SimConfig
+    from .core.emulation import parse_bandwidth
+    from .ml.models import MODELS
+    from .sim import simulate
+
+    config = config_from_args(args)
+    if config.model.name not in MODELS:
+        raise ConfigError(
+            f"unknown model {config.model.name!r}: choose one of {', '.join(MODELS)} (--model)"
+        )
+    config = config.replace(
+        sim=SimConfig(
+            bandwidth_bps=parse_bandwidth(args.bandwidth), message_bytes=args.message_bytes
+        )
+    )
+    run_dir, summary = simulate(config, progress=not args.quiet)
+    print(format_summary(summary))
+    print(
+        f"\nsimulated {summary['run']['wall_s']:.3f} virtual seconds in "
+        f"{summary['run']['sim_real_s']:.1f} s ({summary['run']['sim_events']} events)"
+    )
+    print(f"run directory: {run_dir}")
+    return 0
+
+
 def _cmd_summary(args) -> int:
     from .analysis.metrics import format_summary
 
@@ -469,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     command = {
         "run": _cmd_run,
+        "simulate": _cmd_simulate,
         "summary": _cmd_summary,
         "topology": _cmd_topology,
         "node": _cmd_node,

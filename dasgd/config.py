@@ -24,6 +24,7 @@ __all__ = [
     "DataConfig",
     "ModelConfig",
     "RunConfig",
+    "SimConfig",
     "TopologyConfig",
     "TrainConfig",
     "TransportConfig",
@@ -327,6 +328,32 @@ class EmulationConfig:
 
 
 @dataclass(frozen=True)
+class SimConfig:
+    """What only ``dasgd simulate`` models (a real run has real links).
+
+    Attributes
+    ----------
+    bandwidth_bps : float or None
+        Link bandwidth in bits per second; each host's uplink serializes its
+        outgoing messages one after the other (the parameter server's uplink
+        is the one that saturates first). None: infinite.
+    message_bytes : int or None
+        Nominal payload size of every array message, in bytes, for transfer
+        times (e.g. a 1M-parameter model's 4 MB while the math runs on a small
+        model). None: the real payload size.
+    """
+
+    bandwidth_bps: float | None = None
+    message_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.bandwidth_bps is not None:
+            _positive(self.bandwidth_bps, "bandwidth", "--bandwidth")
+        if self.message_bytes is not None:
+            _positive(self.message_bytes, "message bytes", "--message-bytes", integer=True)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything that defines a run.
 
@@ -359,6 +386,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
     emulation: EmulationConfig = field(default_factory=EmulationConfig)
+    sim: SimConfig = field(default_factory=SimConfig)
     out_dir: str = "runs"
     run_id: str | None = None
     log_interval_s: float = 0.25
@@ -391,6 +419,7 @@ _SECTIONS = {
     "train": TrainConfig,
     "transport": TransportConfig,
     "emulation": EmulationConfig,
+    "sim": SimConfig,
 }
 
 

@@ -54,7 +54,7 @@ from .errors import ConfigError, NodeFailed
 from .ml.data import local_steps
 from .runtime.node import log_name
 
-__all__ = ["prepare_run", "run", "stop_processes"]
+__all__ = ["prepare_run", "run", "stop_processes", "write_summary"]
 
 #: How long stopped nodes get between SIGTERM and SIGKILL.
 TERMINATE_TIMEOUT_S = 5.0
@@ -75,13 +75,16 @@ def _check_ports_free(host: str, ports: list[int]) -> None:
                 ) from None
 
 
-def prepare_run(config: RunConfig) -> tuple[RunConfig, Path, dict]:
+def prepare_run(config: RunConfig, *, write_shards: bool = True) -> tuple[RunConfig, Path, dict]:
     """Resolve the topology and data, validate, and write the run directory.
 
     Parameters
     ----------
     config : RunConfig
         As given by the user; ``n_nodes`` may be None for a topology file.
+    write_shards : bool
+        Write every node's shard and the test split under ``data/`` (node
+        processes read them; the simulator keeps them in memory).
 
     Returns
     -------
@@ -89,7 +92,8 @@ def prepare_run(config: RunConfig) -> tuple[RunConfig, Path, dict]:
         With ``n_nodes`` and ``run_id`` filled in.
     run_dir : Path
     context : dict
-        ``graph``, ``dataset``, ``model``, ``x0`` for the summary.
+        ``graph``, ``dataset``, ``shards`` (index arrays), ``model``, ``x0``
+        and ``meta`` (the content of ``data/meta.json``).
 
     Raises
     ------
@@ -147,6 +151,7 @@ def prepare_run(config: RunConfig) -> tuple[RunConfig, Path, dict]:
         "slowdown": config.emulation.slowdown,
         "slowdown_factors": resolve_slowdown(config.emulation.slowdown, n),
         "latency": config.emulation.latency,
+        "compute_time": config.emulation.compute_time,
         "latency_s": {
             f"{u}-{v}": d
             for (u, v), d in sorted(resolve_latency(config.emulation.latency, graph.edges).items())
@@ -172,11 +177,12 @@ def prepare_run(config: RunConfig) -> tuple[RunConfig, Path, dict]:
     (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     save_topology(graph, run_dir / "topology.json")
     np.save(run_dir / "x0.npy", x0)
-    for i, idx in enumerate(shards):
-        np.save(run_dir / "data" / f"shard-{i}-X.npy", dataset.X_train[idx])
-        np.save(run_dir / "data" / f"shard-{i}-y.npy", dataset.y_train[idx])
-    np.save(run_dir / "data" / "test-X.npy", dataset.X_test)
-    np.save(run_dir / "data" / "test-y.npy", dataset.y_test)
+    if write_shards:
+        for i, idx in enumerate(shards):
+            np.save(run_dir / "data" / f"shard-{i}-X.npy", dataset.X_train[idx])
+            np.save(run_dir / "data" / f"shard-{i}-y.npy", dataset.y_train[idx])
+        np.save(run_dir / "data" / "test-X.npy", dataset.X_test)
+        np.save(run_dir / "data" / "test-y.npy", dataset.y_test)
     meta = {
         "dataset": dataset.name,
         "n_features": dataset.n_features,
@@ -197,7 +203,14 @@ def prepare_run(config: RunConfig) -> tuple[RunConfig, Path, dict]:
     return (
         config,
         run_dir,
-        {"graph": graph, "dataset": dataset, "model": model, "x0": x0, "meta": meta},
+        {
+            "graph": graph,
+            "dataset": dataset,
+            "shards": shards,
+            "model": model,
+            "x0": x0,
+            "meta": meta,
+        },
     )
 
 
@@ -469,6 +482,28 @@ def run(config: RunConfig, *, progress: bool = True) -> tuple[Path, dict]:
         ctx.term()
         shutil.rmtree(ipc_dir, ignore_errors=True)
 
+    return run_dir, write_summary(config, run_dir, context, wall_s)
+
+
+def write_summary(config: RunConfig, run_dir: Path, context: dict, wall_s: float) -> dict:
+    """Evaluate a finished run directory and write ``summary.json`` (real or simulated run).
+
+    Parameters
+    ----------
+    config : RunConfig
+        The resolved configuration.
+    run_dir : Path
+    context : dict
+        As :func:`prepare_run` returns it.
+    wall_s : float
+        Duration of the run in seconds (virtual seconds for a simulation).
+
+    Returns
+    -------
+    dict
+        The content of ``summary.json``.
+    """
+    meta = context["meta"]
     dataset = context["dataset"]
     summarize = build_summary if config.algorithm == "dasgd" else build_ps_summary
     summary = summarize(
@@ -498,4 +533,4 @@ def run(config: RunConfig, *, progress: bool = True) -> tuple[Path, dict]:
     summary["model"] = meta["model"]
     summary["emulation"] = meta["emulation"]
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return run_dir, summary
+    return summary

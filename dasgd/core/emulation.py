@@ -48,6 +48,7 @@ __all__ = [
     "MAX_FACTOR",
     "ComputeTime",
     "Slowdown",
+    "parse_bandwidth",
     "parse_compute_time",
     "parse_latency",
     "parse_slowdown",
@@ -369,3 +370,36 @@ class ComputeTime:
         else:
             value = self._rng.uniform(spec["low"], spec["high"])
         return float(value) * self.factor
+
+
+_BANDWIDTH_UNITS = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
+
+
+def parse_bandwidth(spec: str) -> float | None:
+    """Link bandwidth in bits per second from ``--bandwidth`` (simulation only).
+
+    Forms: ``""`` (infinite: None), a number of bits per second (``"1e9"``),
+    or a number with a unit ``k``/``M``/``G``/``T``, optionally followed by
+    ``bit`` or ``bps`` (``"10G"``, ``"100Mbit"``, ``"2.5Gbps"``).
+
+    Raises
+    ------
+    ConfigError
+        If the spec is not of these forms or not > 0.
+    """
+    flag = "--bandwidth"
+    text = spec.strip().lower()
+    if not text:
+        return None
+    for suffix in ("bps", "bit/s", "bit"):
+        if text.endswith(suffix):
+            text = text[: -len(suffix)]
+            break
+    unit = text[-1:] if text[-1:] in "kmgt" else ""
+    number = text[: -len(unit)] if unit else text
+    value = _number(number, "bandwidth", spec, flag) * _BANDWIDTH_UNITS[unit]
+    if value <= 0:
+        raise ConfigError(
+            f"bandwidth {spec!r} must be > 0 bits per second, e.g. 10G or 100Mbit ({flag})"
+        )
+    return value

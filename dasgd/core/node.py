@@ -178,6 +178,7 @@ class DasgdNode:
         self.lead_waits = 0
         self.backlog_waits = 0
         self.compute_s = 0.0
+        self.gradients_computed = 0
         self.t_start: float | None = None
         self.t_train_end: float | None = None
         self.t_done: float | None = None
@@ -321,6 +322,7 @@ class DasgdNode:
     def _begin_step(self) -> float:
         """Read the model, compute the gradient and the update; return the emulated seconds it takes."""
         self.protocol.read_model()
+        self.gradients_computed += 1
         idx = self.sampler.next_batch()
         loss, _ = self.model.loss_and_grad(self.params, self.X[idx], self.y[idx], out=self._grad)
         if not math.isfinite(loss):
