@@ -346,3 +346,32 @@ def test_lead_bound_makes_fast_nodes_wait_for_a_straggler(tmp_path):
     # with lead bound K on n = 3 nodes, apply staleness is at most 2K + (n - 2) 4K = 24
     # steps (without the bound this run measured S_max 81)
     assert summary["run"]["staleness_max_steps"] <= 24
+
+
+def test_stop_processes_reaps_the_whole_tree(tmp_path):
+    from dasgd.launch import stop_processes
+
+    # a child that starts a grandchild ignoring SIGTERM, then writes its pid and waits
+    pid_file = tmp_path / "grandchild.pid"
+    script = (
+        "import pathlib, signal, subprocess, sys, time\n"
+        "g = subprocess.Popen([sys.executable, '-c', "
+        "'import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        'open(sys.argv[1], "w").write("ready"); time.sleep(600)\', sys.argv[1] + \'.ready\'])\n'
+        "pathlib.Path(sys.argv[1]).write_text(str(g.pid))\n"
+        "time.sleep(600)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script, str(pid_file)])
+    try:
+        ready = pid_file.with_name(pid_file.name + ".ready")
+        # the grandchild's handler is installed once it has written its file
+        wait_for(lambda: pid_file.exists() and ready.exists(), 60, "the grandchild to start")
+        grandchild = int(pid_file.read_text())
+        assert psutil.Process(proc.pid).children(recursive=True)[0].pid == grandchild
+        killed = stop_processes([proc], timeout_s=1.0)
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+    assert proc.returncode is not None
+    assert killed == []  # the child obeyed SIGTERM; only the grandchild needed SIGKILL
+    assert_gone([grandchild])
