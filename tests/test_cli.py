@@ -19,11 +19,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture
 def files(tmp_path):
-    disconnected = nx.Graph([(0, 1), (2, 3)])
     save_topology(nx.path_graph(6), tmp_path / "path6.json")
-    (tmp_path / "disconnected.json").write_text(
-        json.dumps(nx.node_link_data(disconnected, edges="edges"))
-    )
+    # node-link JSON written by hand: nx.node_link_data's keywords differ across networkx 3.x
+    disconnected = {
+        "nodes": [{"id": i} for i in range(4)],
+        "edges": [{"source": 0, "target": 1}, {"source": 2, "target": 3}],
+    }
+    (tmp_path / "disconnected.json").write_text(json.dumps(disconnected))
     (tmp_path / "broken.json").write_text("{not json")
     (tmp_path / "bad.svm").write_text("1 1:0.5 2:oops\n-1 1:0.1\n")
     return tmp_path
