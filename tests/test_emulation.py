@@ -43,6 +43,7 @@ def test_slowdown_naming_a_missing_node():
 def test_latency_specs():
     edges = [(0, 1), (1, 2), (2, 0)]
     assert resolve_latency("", edges) == {}
+    # exact: the values are float() of the spec's text, stored as they are
     both = resolve_latency("0.01", edges)
     assert both[(0, 1)] == both[(1, 0)] == 0.01 and len(both) == 6
     mixed = resolve_latency("0.001,2-0:0.05", edges)
@@ -72,6 +73,7 @@ def test_slowdown_sleeps_what_is_owed():
     for _ in range(20):
         s.after_step(0.001)  # each step owes 2 ms
     # sleeping never undershoots, and what is not slept yet is under one quantum
+    # the sum of twenty 2 ms debts, rounded at each addition: 1 ns is far above that rounding
     assert s.slept_s + s.owed_s == pytest.approx(0.040, abs=1e-9)
     assert s.slept_s >= 0.039 and s.owed_s < 0.001
     idle = Slowdown(1.0)
