@@ -638,7 +638,8 @@ def main(argv=None) -> int:
         import torch
     except ImportError as exc:
         print(
-            f"torch is not installed ({exc}): pip install -e '.[torch]' (torch==2.13.0, CPU) "
+            f"torch is not installed ({exc}): pip install -e '.[torch]' (torch>=2.0; CPU build: "
+            "pip install torch==2.13.0 first) "
             "to compare against torch.distributed DDP; skipping"
         )
         return 0
