@@ -375,6 +375,11 @@ def test_stop_processes_reaps_the_whole_tree(tmp_path):
     finally:
         proc.kill()
         proc.wait(timeout=10)
+        if pid_file.exists() and pid_file.read_text():  # never leave the grandchild behind
+            try:
+                psutil.Process(int(pid_file.read_text())).kill()
+            except psutil.NoSuchProcess:
+                pass
     assert proc.returncode is not None
     assert killed == []  # the child obeyed SIGTERM; only the grandchild needed SIGKILL
     assert_gone([grandchild])
