@@ -377,7 +377,9 @@ def test_stop_processes_reaps_the_whole_tree(tmp_path):
         proc.wait(timeout=10)
         if pid_file.exists() and pid_file.read_text():  # never leave the grandchild behind
             try:
-                psutil.Process(int(pid_file.read_text())).kill()
+                left = psutil.Process(int(pid_file.read_text()))
+                if str(pid_file) in " ".join(left.cmdline()):  # not a reused pid
+                    left.kill()
             except psutil.NoSuchProcess:
                 pass
     assert proc.returncode is not None
