@@ -157,6 +157,7 @@ def numpy_reference(problem: dict, args, n: int) -> np.ndarray:
 def _ddp_rank(rank: int, world: int, port: int, work: str, opts: dict) -> None:
     """Body of one torch rank (runs in a spawned child). Rank 0 writes ``torch-result.json``."""
     import datetime as _dt
+    import gc
 
     import torch
     import torch.distributed as dist
@@ -196,6 +197,7 @@ def _ddp_rank(rank: int, world: int, port: int, work: str, opts: dict) -> None:
         world_size=world,
         timeout=_dt.timedelta(seconds=opts["timeout_s"]),
     )
+    ddp = optimizer = None
     try:
         ddp = DDP(net)
         optimizer = torch.optim.SGD(ddp.parameters(), lr=opts["lr"])
@@ -279,18 +281,33 @@ def _ddp_rank(rank: int, world: int, port: int, work: str, opts: dict) -> None:
                 "breakdown": breakdown,
             }
             (work / "torch-result.json").write_text(json.dumps(result))
-        dist.barrier()
+        dist.barrier()  # no rank tears down while another still talks to it
     finally:
+        # DDP's reducer holds the process group: drop it (and the reference cycles of the
+        # module) first, so that destroy_process_group frees the last reference and gloo's
+        # threads are joined now, not in C++ destructors while the interpreter shuts down
+        ddp = optimizer = None
+        gc.collect()
         dist.destroy_process_group()
 
 
 def _ddp_entry(rank: int, world: int, port: int, work: str, opts: dict) -> None:
+    """Run one rank and leave with ``os._exit``: exit code 0 once its files are written, else 1.
+
+    Skipping the interpreter's shutdown is deliberate: torch 2.13's C++ objects (gloo
+    worker threads, the rendezvous store) can still be alive in static destructors at
+    shutdown, and a joinable ``std::thread`` destroyed there aborts the process
+    ("terminate called without an active exception", SIGABRT) after its work is done.
+    """
+    code = 0
     try:
         _ddp_rank(rank, world, port, work, opts)
     except BaseException:
         traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def children_cpu_s() -> float:
@@ -536,7 +553,9 @@ def print_table(results: dict, args) -> None:
     print(header)
     print("-" * len(header))
     for n, systems in results.items():
-        base = systems["torch-ddp"]["median"]
+        base = systems.get("torch-ddp", {}).get(
+            "median", {"gradients_per_s": None, "time_to_target_s": None}
+        )
         for name, entry in systems.items():
             m = entry["median"]
             print(
@@ -619,7 +638,8 @@ def main(argv=None) -> int:
         import torch
     except ImportError as exc:
         print(
-            f"torch is not installed ({exc}): pip install -e '.[torch]' (torch==2.13.0, CPU) "
+            f"torch is not installed ({exc}): pip install -e '.[torch]' (torch>=2.0; CPU build: "
+            "pip install torch==2.13.0 first) "
             "to compare against torch.distributed DDP; skipping"
         )
         return 0
@@ -637,6 +657,7 @@ def main(argv=None) -> int:
     root = Path(tempfile.mkdtemp(prefix="bench-torch-ddp-", dir="/tmp"))
     results: dict = {}
     checks: dict = {}
+    failures: list[str] = []
     try:
         for n in args.nodes:
             work = root / f"n{n}" / "torch"
@@ -653,10 +674,21 @@ def main(argv=None) -> int:
                 k = rep % len(order)  # rotate so slow phases of the machine hit everyone alike
                 for alg, topo in order[k:] + order[:k]:
                     load = os.getloadavg()[0]
-                    if alg == "torch":
-                        res = run_torch(problem, args, n, work)
-                    else:
-                        res = run_dasgd(problem, args, n, alg, topo, root / f"n{n}" / "dasgd")
+                    label = "torch-ddp" if alg == "torch" else f"{alg} on {topo}"
+                    try:
+                        if alg == "torch":
+                            res = run_torch(problem, args, n, work)
+                        else:
+                            res = run_dasgd(problem, args, n, alg, topo, root / f"n{n}" / "dasgd")
+                    except Exception as exc:  # one competitor failing does not stop the others
+                        why = " ".join(str(exc).split()) or type(exc).__name__
+                        failures.append(f"n={n} rep {rep + 1} {label}: {why}")
+                        print(
+                            f"n={n} rep {rep + 1}/{args.reps} {label} failed ({why}); "
+                            "going on with the others",
+                            flush=True,
+                        )
+                        continue
                     print(
                         f"n={n} rep {rep + 1}/{args.reps} {res['system']:<15} "
                         f"{res['gradients_per_s']:8.0f} grad/s, train {res['train_s']:.2f} s, "
@@ -670,7 +702,11 @@ def main(argv=None) -> int:
                     finals.setdefault(res["system"], final)  # the first repetition's model
                     runs.setdefault(res["system"], []).append(res)
             ordered = ["torch-ddp", "ps-sync", *[f"dasgd-{t}" for _, t in systems[1:]]]
-            results[n] = {s: {"median": aggregate(runs[s]), "reps": runs[s]} for s in ordered}
+            results[n] = {
+                s: {"median": aggregate(runs[s]), "reps": runs[s]} for s in ordered if s in runs
+            }
+            if "torch-ddp" not in finals or "ps-sync" not in finals:
+                continue  # nothing to compare (the failure was reported above)
             reference = numpy_reference(problem, args, n)
             tf, pf = finals["torch-ddp"], finals["ps-sync"]
             checks[n] = {
@@ -698,14 +734,16 @@ def main(argv=None) -> int:
                 f"torch {c['torch_initial_test_loss']:.6f}, dasgd {c['dasgd_initial_test_loss']:.6f}"
             )
         tol = 1e-3 if args.dtype == "float32" else 1e-9
-        agree = all(c["torch_vs_ps_sync_rel"] < tol for c in checks.values())
+        agree = bool(checks) and all(c["torch_vs_ps_sync_rel"] < tol for c in checks.values())
         print(
-            f"  {'AGREE' if agree else 'DIFFER'} (tolerance {tol:g}: float rounding only, "
-            "the gradient summation order differs)"
+            f"  {'AGREE' if agree else 'DIFFER' if checks else 'NOT COMPARED'} (tolerance "
+            f"{tol:g}: float rounding only, the gradient summation order differs)"
         )
         print()
         print("where a synchronous step's time goes (median of the repetitions)")
         for n, systems in results.items():
+            if "torch-ddp" not in systems or "ps-sync" not in systems:
+                continue
             bds = [r["breakdown"] for r in systems["torch-ddp"]["reps"] if r["breakdown"]]
             per_step = 1e6 * systems["torch-ddp"]["median"]["train_s"] / args.steps
             ps_round = 1e6 * systems["ps-sync"]["median"]["train_s"] / args.steps
@@ -763,7 +801,9 @@ def main(argv=None) -> int:
                     if s != "torch-ddp"
                 }
                 for n, systems_ in results.items()
+                if "torch-ddp" in systems_
             },
+            "failures": failures,
             "correctness": {str(n): c for n, c in checks.items()},
             "correctness_agree": agree,
             "script_s": script_s,
@@ -779,6 +819,9 @@ def main(argv=None) -> int:
             print(f"run directories kept in {root}")
         else:
             shutil.rmtree(root, ignore_errors=True)
+    if failures:
+        print(f"{len(failures)} competitor run(s) failed: " + "; ".join(failures))
+        return 1
     return 0
 
 

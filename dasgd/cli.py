@@ -21,8 +21,14 @@ import os
 import sys
 from pathlib import Path
 
+from . import __version__
 from .config import (
     ALGORITHMS,
+    DELAY_RULES,
+    DTYPES,
+    SERVER_OPTIMIZERS,
+    SHARDINGS,
+    TRANSPORTS,
     DataConfig,
     EmulationConfig,
     ModelConfig,
@@ -32,10 +38,22 @@ from .config import (
     TransportConfig,
 )
 from .errors import ConfigError, DasgdError, NodeFailed
+from .models import ACTIVATIONS, MODELS
+from .optim import OPTIMIZERS
 
 __all__ = ["build_parser", "config_from_args", "main"]
 
 _DEFAULTS = RunConfig()
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line, ``dasgd: error: ...``, exit code 2.
+
+    argparse's own message names the flag and, for ``choices=``, every valid value.
+    """
+
+    def error(self, message: str):
+        self.exit(2, f"dasgd: error: {message} (see `{self.prog} --help`)\n")
 
 
 def _hidden(text: str) -> tuple[int, ...]:
@@ -95,7 +113,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--sharding",
-        choices=("iid", "label"),
+        choices=SHARDINGS,
         default=d.data.sharding,
         help="i.i.d. shards or non-i.i.d. by label (default: %(default)s)",
     )
@@ -109,8 +127,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument(
         "--model",
+        choices=MODELS,
         default=d.model.name,
-        help="softmax, logistic, least_squares or mlp (default: %(default)s)",
+        help="model (default: %(default)s)",
     )
     g.add_argument(
         "--hidden",
@@ -120,23 +139,26 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--activation",
+        choices=ACTIVATIONS,
         default=d.model.activation,
-        help="MLP activation, relu or tanh (default: %(default)s)",
+        help="MLP activation (default: %(default)s)",
     )
     g.add_argument(
         "--l2", type=float, default=d.model.l2, help="L2 penalty on weights (default: %(default)s)"
     )
     g.add_argument(
         "--dtype",
+        choices=DTYPES,
         default=d.model.dtype,
-        help="float32 or float64 parameters and deltas (default: %(default)s)",
+        help="parameters and deltas (default: %(default)s)",
     )
 
     g = p.add_argument_group("training")
     g.add_argument(
         "--optimizer",
+        choices=OPTIMIZERS,
         default=d.train.optimizer,
-        help="local update rule: sgd, momentum or amsgrad (default: %(default)s)",
+        help="local update rule (default: %(default)s)",
     )
     g.add_argument(
         "--lr", type=float, default=d.train.lr, help="step size eta (default: %(default)s)"
@@ -177,13 +199,15 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
     g.add_argument(
         "--server-optimizer",
+        choices=SERVER_OPTIMIZERS,
         default=d.train.server_optimizer,
-        help="parameter-server update rule for ps-async/ps-sync: sgd or amsgrad (default: %(default)s)",
+        help="parameter-server update rule for ps-async/ps-sync (default: %(default)s)",
     )
     g.add_argument(
         "--delay-rule",
+        choices=DELAY_RULES,
         default=d.train.delay_rule,
-        help="delay-adaptive step for delays above --delay-concurrency: none, inverse (lr/tau) or drop (default: %(default)s)",
+        help="delay-adaptive step for delays above --delay-concurrency: inverse is lr/tau (default: %(default)s)",
     )
     g.add_argument(
         "--delay-concurrency",
@@ -222,6 +246,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("transport")
     g.add_argument(
         "--transport",
+        choices=TRANSPORTS,
         default=d.transport.kind,
         help="ipc (one machine) or tcp (default: %(default)s)",
     )
@@ -296,9 +321,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``dasgd`` command."""
-    parser = argparse.ArgumentParser(
-        prog="dasgd", description="Decentralized asynchronous SGD over ZeroMQ."
-    )
+    parser = _Parser(prog="dasgd", description="Decentralized asynchronous SGD over ZeroMQ.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("run", help="train with one process per node and print the summary")
     _add_run_options(p)
@@ -515,8 +539,15 @@ def _cmd_node(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the ``dasgd`` command; returns its exit code."""
-    args = build_parser().parse_args(argv)
+    """Run the ``dasgd`` command; returns its exit code.
+
+    ``--help`` and ``--version`` return 0, a usage error (unknown flag, bad
+    value, a value outside a flag's choices) prints one line and returns 2.
+    """
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse has printed the help, the version or the error
+        return exc.code if isinstance(exc.code, int) else 2
     command = {
         "run": _cmd_run,
         "simulate": _cmd_simulate,

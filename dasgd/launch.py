@@ -217,29 +217,50 @@ def prepare_run(config: RunConfig, *, write_shards: bool = True) -> tuple[RunCon
 def stop_processes(
     procs: list[subprocess.Popen], timeout_s: float = TERMINATE_TIMEOUT_S
 ) -> list[int]:
-    """SIGTERM every live process, wait for all against one deadline, SIGKILL the rest.
+    """SIGTERM every live process and its descendants, wait against one deadline, SIGKILL the rest.
+
+    The descendants of each live process (``psutil.Process.children(recursive=True)``)
+    are listed before any signal is sent, so a grandchild that a node started
+    is stopped too instead of being orphaned.
+
+    Parameters
+    ----------
+    procs : list of subprocess.Popen
+        The processes started by this launcher; each is reaped before returning.
+    timeout_s : float
+        Seconds to wait after SIGTERM before SIGKILL, for the whole tree at once;
+        also the deadline of each final reap.
 
     Returns
     -------
     list of int
-        Indices of the processes that had to be killed.
+        Indices into ``procs`` of the processes that had to be killed.
     """
-    alive = []
+    tree: list[psutil.Process] = []
     for proc in procs:
         if proc.poll() is None:
             try:
-                proc.terminate()
-                alive.append(psutil.Process(proc.pid))
-            except (ProcessLookupError, psutil.NoSuchProcess):
+                parent = psutil.Process(proc.pid)
+                tree.append(parent)
+                tree.extend(parent.children(recursive=True))
+            except psutil.NoSuchProcess:
                 pass
-    _, still = psutil.wait_procs(alive, timeout=timeout_s)
-    killed = []
-    for p in still:
+    for member in tree:
         try:
-            p.kill()
+            member.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, still = psutil.wait_procs(tree, timeout=timeout_s)
+    killed = []
+    for member in still:
+        try:
+            member.kill()
         except psutil.NoSuchProcess:
             continue
-        killed.append(next(i for i, proc in enumerate(procs) if proc.pid == p.pid))
+        index = next((i for i, proc in enumerate(procs) if proc.pid == member.pid), None)
+        if index is not None:
+            killed.append(index)
+    psutil.wait_procs(still, timeout=timeout_s)
     for proc in procs:  # reap: no zombies
         try:
             proc.wait(timeout=timeout_s)

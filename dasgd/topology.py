@@ -41,6 +41,7 @@ graph, close to 0 for rings of many nodes and for graphs with a bottleneck.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import operator
@@ -855,6 +856,21 @@ def format_topology(graph: nx.Graph) -> str:
 # ----------------------------------------------------------------------------
 
 
+# networkx 3.4 renamed node_link_graph's `link=` keyword to `edges=` (and 3.6 dropped `link=`)
+_NODE_LINK_EDGES_KEYWORD = (
+    "edges" if "edges" in inspect.signature(nx.node_link_graph).parameters else "link"
+)
+
+
+def _node_link_graph(data: dict[str, Any], edges_key: str) -> nx.Graph:
+    """``nx.node_link_graph`` (undirected, simple) reading edges from ``data[edges_key]``.
+
+    Works on every networkx >= 3.0 (before 3.4 the keyword is ``link``).
+    """
+    keyword = {_NODE_LINK_EDGES_KEYWORD: edges_key}
+    return nx.node_link_graph(data, directed=False, multigraph=False, **keyword)
+
+
 def _node_link_data(graph: nx.Graph) -> dict[str, Any]:
     """``nx.node_link_data`` with the "edges" key (no FutureWarning on nx 3.4+)."""
     try:
@@ -953,7 +969,7 @@ def _read_graph_file(path: str) -> nx.Graph:
             edges_key = "links" if "links" in data and "edges" not in data else "edges"
             if edges_key not in data:
                 data = {**data, "edges": []}
-            graph = nx.node_link_graph(data, directed=False, multigraph=False, edges=edges_key)
+            graph = _node_link_graph(data, edges_key)
         elif lower.endswith(".graphml"):
             graph = nx.read_graphml(path)
         elif lower.endswith(".adjlist"):

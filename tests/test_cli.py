@@ -10,8 +10,19 @@ from pathlib import Path
 import networkx as nx
 import pytest
 
+import dasgd
 from dasgd.cli import build_parser, config_from_args, main
-from dasgd.config import RunConfig
+from dasgd.config import (
+    ALGORITHMS,
+    DELAY_RULES,
+    DTYPES,
+    SERVER_OPTIMIZERS,
+    SHARDINGS,
+    TRANSPORTS,
+    RunConfig,
+)
+from dasgd.models import ACTIVATIONS, MODELS
+from dasgd.optim import OPTIMIZERS
 from dasgd.topology import save_topology
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -19,11 +30,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture
 def files(tmp_path):
-    disconnected = nx.Graph([(0, 1), (2, 3)])
     save_topology(nx.path_graph(6), tmp_path / "path6.json")
-    (tmp_path / "disconnected.json").write_text(
-        json.dumps(nx.node_link_data(disconnected, edges="edges"))
-    )
+    # node-link JSON written by hand: nx.node_link_data's keywords differ across networkx 3.x
+    disconnected = {
+        "nodes": [{"id": i} for i in range(4)],
+        "edges": [{"source": 0, "target": 1}, {"source": 2, "target": 3}],
+    }
+    (tmp_path / "disconnected.json").write_text(json.dumps(disconnected))
     (tmp_path / "broken.json").write_text("{not json")
     (tmp_path / "bad.svm").write_text("1 1:0.5 2:oops\n-1 1:0.1\n")
     return tmp_path
@@ -46,11 +59,13 @@ BAD_INPUTS = [
     (["--lr", "-0.1"], "learning rate must be"),
     (["--batch-size", "-8"], "batch size must be"),
     (["--batch-size", "0"], "batch size must be"),
-    (["--model", "transformer"], "unknown model 'transformer'"),
+    (["--model", "transformer"], "invalid choice: 'transformer'"),
     (["--model", "logistic"], "needs 2 classes"),
     (["--topology", "hypercube", "-n", "6"], "power-of-two"),
     (["--send-every", "0"], "send interval"),
-    (["--transport", "udp"], "unknown transport 'udp'"),
+    (["--transport", "udp"], "invalid choice: 'udp'"),
+    (["--lr", "fast"], "invalid float value: 'fast'"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     (["-n", "0"], "number of nodes"),
     (["--slowdown", "9:2"], "slowdown names node 9"),
     (["--latency", "0-2:0.1"], "not in the topology"),
@@ -95,24 +110,72 @@ def test_port_in_use_is_a_user_error(tmp_path, capsys):
     assert f"port {port} (node 1)" in err and "--base-port" in err
 
 
-def test_real_command_exit_code_and_no_traceback(tmp_path):
+@pytest.mark.parametrize(
+    ("argv", "stderr"),
+    [
+        (["run", "--topology", "nope"], "dasgd: error: unknown topology 'nope'"),
+        (["run", "--model", "nope"], "dasgd: error: argument --model: invalid choice: 'nope'"),
+    ],
+)
+def test_real_command_exit_code_and_no_traceback(tmp_path, argv, stderr):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run(
-        [sys.executable, "-m", "dasgd", "run", "--topology", "nope", "--out-dir", str(tmp_path)],
+        [sys.executable, "-m", "dasgd", *argv, "--out-dir", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=60,
         env=env,
     )
     assert proc.returncode == 2
-    assert proc.stderr.startswith("dasgd: error: unknown topology 'nope'")
+    assert proc.stderr.startswith(stderr) and proc.stderr.count("\n") == 1, proc.stderr
     assert "Traceback" not in proc.stderr
 
 
-def test_argparse_type_errors_exit_2(capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(["run", "--lr", "fast"])
-    assert exc.value.code == 2
+def test_real_command_version():
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-m", "dasgd", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, f"dasgd {dasgd.__version__}\n", "")
+
+
+@pytest.mark.parametrize(
+    ("flag", "valid"),
+    [
+        ("--model", MODELS),
+        ("--activation", ACTIVATIONS),
+        ("--dtype", DTYPES),
+        ("--optimizer", OPTIMIZERS),
+        ("--server-optimizer", SERVER_OPTIMIZERS),
+        ("--delay-rule", DELAY_RULES),
+        ("--transport", TRANSPORTS),
+        ("--algorithm", ALGORITHMS),
+        ("--sharding", SHARDINGS),
+    ],
+)
+def test_a_value_outside_the_choices_is_one_line_naming_every_valid_value(
+    tmp_path, capsys, flag, valid
+):
+    code, out, err = run_main(capsys, "run", "-q", "--out-dir", str(tmp_path), flag, "bogus")
+    assert code == 2 and out == ""
+    assert err.startswith(f"dasgd: error: argument {flag}: invalid choice: 'bogus'"), err
+    assert err.count("\n") == 1, err
+    for value in valid:
+        assert value in err
+    assert not any(tmp_path.iterdir())
+    # and --help lists them, for people and shell completion
+    assert main(["run", "--help"]) == 0
+    assert "{" + ",".join(valid) + "}" in capsys.readouterr().out
+
+
+def test_version_prints_the_package_version(capsys):
+    code, out, err = run_main(capsys, "--version")
+    assert code == 0 and err == ""
+    assert out == f"dasgd {dasgd.__version__}\n"
 
 
 def test_defaults_are_the_documented_run():

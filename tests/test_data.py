@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -92,7 +94,7 @@ def test_same_seed_same_split_other_seed_other_split():
 
 def test_dataset_is_frozen():
     ds = load_dataset("iris")
-    with pytest.raises(AttributeError):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         ds.n_classes = 5  # type: ignore[misc]
 
 
@@ -346,9 +348,12 @@ def test_shard_iid_is_seeded():
     assert not all(np.array_equal(x, y) for x, y in zip(a, c, strict=True))
 
 
-@pytest.mark.parametrize(("m", "n"), [(5, 6), (5, 0), (5, -1), (0, 1)])
-def test_shard_iid_bad_sizes(m, n):
-    with pytest.raises(DataError) as info:
+@pytest.mark.parametrize(
+    ("m", "n", "named"),
+    [(5, 6, "n_nodes=6"), (5, 0, "n_nodes=0"), (5, -1, "n_nodes=-1"), (0, 1, "n_samples=0")],
+)
+def test_shard_iid_bad_sizes(m, n, named):
+    with pytest.raises(DataError, match=f"^{named} is invalid") as info:
         shard_iid(m, n)
     assert "\n" not in str(info.value)
 
@@ -476,13 +481,22 @@ def test_batch_sampler_is_reproducible_and_seeded():
 def test_batch_sampler_batches_cannot_corrupt_the_sampler():
     sampler = BatchSampler(10, 3)
     batch = sampler.next_batch()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="read-only"):
         batch[0] = 99
 
 
-@pytest.mark.parametrize(("m", "b"), [(0, 1), (5, 0), (-1, 2), (5, 1.5), (True, 1)])
-def test_batch_sampler_bad_arguments(m, b):
-    with pytest.raises(DataError):
+@pytest.mark.parametrize(
+    ("m", "b", "named"),
+    [
+        (0, 1, "n_samples=0"),
+        (5, 0, "batch_size=0"),
+        (-1, 2, "n_samples=-1"),
+        (5, 1.5, "batch_size=1.5"),
+        (True, 1, "n_samples=True"),
+    ],
+)
+def test_batch_sampler_bad_arguments(m, b, named):
+    with pytest.raises(DataError, match=f"^{re.escape(named)} is invalid"):
         BatchSampler(m, b)
 
 
@@ -502,9 +516,17 @@ def test_steps_for_epochs(epochs, m, b, steps):
     assert steps_for_epochs(epochs, m, b) == steps
 
 
-@pytest.mark.parametrize(("epochs", "m", "b"), [(0, 10, 1), (-1, 10, 1), (1, 0, 1), (1, 10, 0)])
-def test_steps_for_epochs_bad_arguments(epochs, m, b):
-    with pytest.raises(DataError):
+@pytest.mark.parametrize(
+    ("epochs", "m", "b", "named"),
+    [
+        (0, 10, 1, "epochs=0"),
+        (-1, 10, 1, "epochs=-1"),
+        (1, 0, 1, "n_samples=0"),
+        (1, 10, 0, "batch_size=0"),
+    ],
+)
+def test_steps_for_epochs_bad_arguments(epochs, m, b, named):
+    with pytest.raises(DataError, match=f"^{named} is invalid"):
         steps_for_epochs(epochs, m, b)
 
 

@@ -53,6 +53,7 @@ def test_slowdown_naming_a_missing_node():
 def test_latency_specs():
     edges = [(0, 1), (1, 2), (2, 0)]
     assert resolve_latency("", edges) == {}
+    # exact: the values are float() of the spec's text, stored as they are
     both = resolve_latency("0.01", edges)
     assert both[(0, 1)] == both[(1, 0)] == 0.01 and len(both) == 6
     mixed = resolve_latency("0.001,2-0:0.05", edges)

@@ -134,6 +134,8 @@ def test_single_node_is_plain_sequential_sgd(tmp_path):
         idx = sampler.next_batch()
         _, g = model.loss_and_grad(x, X[idx], y[idx])
         x = x - 0.1 * g
+    # exact by construction: with one node the runtime makes these same calls in the same
+    # order on the same arrays (loss_and_grad, then x += -lr * g), in one BLAS thread
     np.testing.assert_array_equal(np.load(run_dir / "node-0.npy"), x)
 
 
@@ -309,6 +311,7 @@ def test_latency_and_straggler_runs_still_drain_to_equal_models(tmp_path):
     check_drained_run(run_dir, summary, 4)
     emulation = summary["emulation"]
     assert emulation["slowdown_factors"] == [1.0, 3.0, 1.0, 1.0]
+    # exact: the values parsed from the spec, stored as they are
     assert emulation["latency_s"]["0-3"] == emulation["latency_s"]["3-0"] == 0.03
     assert emulation["latency_s"]["1-2"] == 0.002
     finals = [read_events(run_dir / f"node-{i}.jsonl", "final")[0] for i in range(4)]
@@ -346,3 +349,39 @@ def test_lead_bound_makes_fast_nodes_wait_for_a_straggler(tmp_path):
     # with lead bound K on n = 3 nodes, apply staleness is at most 2K + (n - 2) 4K = 24
     # steps (without the bound this run measured S_max 81)
     assert summary["run"]["staleness_max_steps"] <= 24
+
+
+def test_stop_processes_reaps_the_whole_tree(tmp_path):
+    from dasgd.launch import stop_processes
+
+    # a child that starts a grandchild ignoring SIGTERM, then writes its pid and waits
+    pid_file = tmp_path / "grandchild.pid"
+    script = (
+        "import pathlib, signal, subprocess, sys, time\n"
+        "g = subprocess.Popen([sys.executable, '-c', "
+        "'import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        'open(sys.argv[1], "w").write("ready"); time.sleep(600)\', sys.argv[1] + \'.ready\'])\n'
+        "pathlib.Path(sys.argv[1]).write_text(str(g.pid))\n"
+        "time.sleep(600)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script, str(pid_file)])
+    try:
+        ready = pid_file.with_name(pid_file.name + ".ready")
+        # the grandchild's handler is installed once it has written its file
+        wait_for(lambda: pid_file.exists() and ready.exists(), 60, "the grandchild to start")
+        grandchild = int(pid_file.read_text())
+        assert psutil.Process(proc.pid).children(recursive=True)[0].pid == grandchild
+        killed = stop_processes([proc], timeout_s=1.0)
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+        if pid_file.exists() and pid_file.read_text():  # never leave the grandchild behind
+            try:
+                left = psutil.Process(int(pid_file.read_text()))
+                if str(pid_file) in " ".join(left.cmdline()):  # not a reused pid
+                    left.kill()
+            except psutil.NoSuchProcess:
+                pass
+    assert proc.returncode is not None
+    assert killed == []  # the child obeyed SIGTERM; only the grandchild needed SIGKILL
+    assert_gone([grandchild])

@@ -25,6 +25,7 @@ def test_sgd_step_is_minus_lr_g(dtype):
     opt = SGD(7, 0.3, dtype=dtype)
     u = opt.update(g)
     assert u.dtype == dtype and u.shape == (7,)
+    # exact: u = -lr * g is one rounded product per entry, as in the expected value
     np.testing.assert_array_equal(u, -0.3 * g)
     np.testing.assert_array_equal(opt.update(g), -0.3 * g)  # no state without momentum
 
@@ -90,7 +91,7 @@ def test_amsgrad_v_hat_is_monotone():
         opt.update(rng.normal(0.0, scale, size=50))
         assert np.all(opt.v_hat >= previous)
         previous = opt.v_hat.copy()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="read-only"):
         opt.v_hat[0] = 0.0  # read-only view
 
 
@@ -107,11 +108,13 @@ def test_returned_buffer_is_reused(name):
 def test_lr_override():
     g = np.array([1.0, -2.0, 4.0])
     opt = SGD(3, 0.1)
+    # exact: one rounded product per entry on both sides
     np.testing.assert_array_equal(opt.update(g, lr=0.5), -0.5 * g)
     np.testing.assert_array_equal(opt.update(g), -0.1 * g)  # the default is unchanged
     np.testing.assert_array_equal(opt.update(g, lr=0.0), np.zeros(3))
     assert opt.lr == 0.1
-    # with state: same state, the change scales linearly with the override
+    # with state: same state, the change scales linearly with the override (0.2 = 2 * 0.1
+    # and 0.05 = 0.5 * 0.1 exactly in binary; the order of the rounded operations differs)
     a, b = AMSGrad(3, 0.1), AMSGrad(3, 0.1)
     np.testing.assert_allclose(a.update(g, lr=0.2), 2.0 * b.update(g), rtol=1e-15)
     m1, m2 = SGD(3, 0.1, momentum=0.9), SGD(3, 0.1, momentum=0.9)
@@ -162,6 +165,7 @@ def test_build_optimizer_and_state_dict():
     ],
 )
 def test_delay_adaptive_lr_table(lr, delay, concurrency, rule, expected):
+    # exact: the rule is lr or one division lr / tau, the same operation as `expected`
     assert delay_adaptive_lr(lr, delay, concurrency, rule=rule) == expected
 
 

@@ -102,6 +102,8 @@ def test_ps_sync_is_sequential_sgd_with_batch_n_times_m(tmp_path):
         y = np.concatenate([shards[i][1][b] for i, b in enumerate(batches)])
         _, g = model.loss_and_grad(x, X, y)
         x = x - lr * g
+    # the server sums the n workers' gradients in arrival order, the reference computes the
+    # gradient of the concatenated batch: equal up to summation order over 20 rounds
     np.testing.assert_allclose(np.load(run_dir / "server.npy"), x, rtol=1e-10, atol=1e-12)
 
 
@@ -128,6 +130,7 @@ def test_server_delay_adaptive_inverse_and_drop(tmp_path):
     x = s.x.copy()
     g = np.array([1.0, -2.0])
     apply_grad(s, g, tau=4, worker=0)  # tau <= tau_C = 4 workers: full step
+    # exact: the server adds -(lr * g), the same rounded product as the expected value
     np.testing.assert_array_equal(s.x, x - 0.5 * g)
     apply_grad(s, g, tau=8, worker=1)  # tau > 4: lr / tau = 0.0625
     np.testing.assert_array_equal(s.x, x - 0.5 * g - 0.0625 * g)
@@ -152,6 +155,7 @@ def test_server_amsgrad_step_by_hand(tmp_path):
     v_new = 0.999 * v + 0.001 * g2**2
     v_hat = np.maximum(v, v_new)
     x2 = x1 - 0.1 * m / (np.sqrt(v_hat) + 1e-8)
+    # the hand formula orders its operations differently from the optimizer: a few ulps
     np.testing.assert_allclose(s.x, x2, rtol=1e-12)
 
 
