@@ -38,8 +38,8 @@ from .config import (
     TransportConfig,
 )
 from .errors import ConfigError, DasgdError, NodeFailed
-from .models import ACTIVATIONS, MODELS
-from .optim import OPTIMIZERS
+from .ml.models import ACTIVATIONS, MODELS
+from .ml.optim import OPTIMIZERS
 
 __all__ = ["build_parser", "config_from_args", "main"]
 

@@ -302,7 +302,7 @@ class TransportConfig:
 
 @dataclass(frozen=True)
 class EmulationConfig:
-    """Emulated stragglers and link latency (see :mod:`dasgd.emulation`).
+    """Emulated stragglers and link latency (see :mod:`dasgd.core.emulation`).
 
     Attributes
     ----------

@@ -21,8 +21,8 @@ from dasgd.config import (
     TRANSPORTS,
     RunConfig,
 )
-from dasgd.models import ACTIVATIONS, MODELS
-from dasgd.optim import OPTIMIZERS
+from dasgd.ml.models import ACTIVATIONS, MODELS
+from dasgd.ml.optim import OPTIMIZERS
 from dasgd.topology import save_topology
 
 ROOT = Path(__file__).resolve().parent.parent

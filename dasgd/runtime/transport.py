@@ -12,7 +12,7 @@ nothing of models or deltas. Its contract:
 - Every socket has LINGER, high-water marks and (the inbox) MAXMSGSIZE set.
 - PUB/SUB is not used: it drops silently.
 
-Emulated link latency (the kernel here has no netem; see :mod:`dasgd.emulation`):
+Emulated link latency (the kernel here has no netem; see :mod:`dasgd.core.emulation`):
 a link with a one-way delay ``d`` seconds holds each outgoing message in a
 per-link delay queue until ``time.monotonic() + d`` after its send, then hands
 it to the socket (or the backlog). The delay is constant per link, so the queue
