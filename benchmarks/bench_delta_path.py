@@ -16,19 +16,27 @@ dasgd/raw ("paired"); the ratio of the medians is printed beside it.
     high-water mark a dasgd node would use for that message size
     (:func:`dasgd.runtime.node.queue_limit_msgs`), so both have the same queue depth.
 ``dasgd``
-    The real code path of two :class:`dasgd.runtime.node.Node` objects of a 2-node run,
-    softmax regression with ``n_features * 10 + 10`` float32 parameters (the
-    delta size), ``send_every=1``, transports built as ``node_main`` builds them.
-    Sender (node 0), per message: ``open delta += u`` (a fixed array),
-    ``protocol.local_step()`` (seals), ``node._seal_and_send(out)`` (own-delta
-    sum, zero-copy payload from the buffer pool, msgpack header, non-blocking
-    send), with the backpressure of ``Node.train`` (``transport.flush()`` /
-    ``node._wait_backlog()``). Receiver (node 1): ``node._receive_all()`` until
-    it has applied N deltas: receive, ``wire.decode`` (validation and the finite
-    check, on by default), ``protocol.receive``, ``params += delta``.
+    The real code path of two nodes of a 2-node run, each a
+    :class:`~dasgd.core.node.DasgdNode` built by :func:`dasgd.build.build_machine`
+    (softmax regression with ``n_features * 10 + 10`` float32 parameters = the
+    delta size, ``send_every=1``) and run by :meth:`dasgd.runtime.node.Driver.run`,
+    with transports, buffer pools and logs built as ``node_main`` builds them.
+    Only the gradient is replaced: the sender's model and optimizer are
+    stand-ins that return a fixed update at no cost, so each of its steps is
+    the delta path alone. Sender (node 0, N steps), per message: ``advance()``
+    (``params += u``, the open delta, ``protocol.local_step()``, the seal:
+    own-delta sum, a fresh buffer from the pool), then ``Driver._send``
+    (msgpack header, zero-copy frame, non-blocking send), with the driver's
+    backpressure (``WAIT_BACKLOG``: ``Driver._wait_message``). Receiver (node
+    1, no steps of its own: it drains from the start): ``Driver._receive_all``
+    -> ``Driver._handle``: ``wire.decode``, the machine's ``on_message``
+    (finite check, ``protocol.receive``, ``params += delta``). Both runs end
+    with the real drain (``fin``, ``complete``). Fresh machines and drivers
+    each repetition (built before the clock starts), the same sockets.
 
 Throughput = N x size / (receiver's time from the start signal to the last
-message received, resp. applied). The start signal goes to the receiver first,
+message received, resp. to the end of its ``Driver.run()``: all N deltas
+applied and the drain finished). The start signal goes to the receiver first,
 then (through the orchestrator) to the sender, so the clock runs before the
 first byte leaves. Each worker pair lives for all repetitions of a size; one
 untimed warm-up repetition per competitor comes first (buffer pools, malloc).
@@ -36,7 +44,8 @@ untimed warm-up repetition per competitor comes first (buffer pools, malloc).
 To explain the ratio, every worker reports its CPU time (user and kernel, all
 threads incl. ZeroMQ's I/O thread) and minor page faults per message, and a
 per-message cost breakdown at 4 MB of both sides follows (in this process,
-``timeit``, no sockets; hot = the same arrays every call, cold = rotating over
+``timeit``, no sockets: the same machines and drivers with a transport that
+drops every message; hot = the same arrays every call, cold = rotating over
 256 MB of arrays, as the real pipeline does).
 
 Every process gets ``OPENBLAS_NUM_THREADS=1`` (and OMP/MKL). Results go to
@@ -72,13 +81,21 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import zmq  # noqa: E402
-from common import close_node, machine_info, report_load, summarize  # noqa: E402
+from common import (  # noqa: E402
+    close_driver,
+    in_process_driver,
+    machine_info,
+    report_load,
+    summarize,
+)
 
 from dasgd.analysis.metrics import EventLog  # noqa: E402
+from dasgd.build import build_machine  # noqa: E402
 from dasgd.config import ModelConfig, RunConfig, TrainConfig, TransportConfig  # noqa: E402
 from dasgd.core import wire  # noqa: E402
-from dasgd.runtime.node import Node, queue_limit_msgs  # noqa: E402
-from dasgd.runtime.transport import Transport  # noqa: E402
+from dasgd.core.actions import CONTINUE  # noqa: E402
+from dasgd.ml.data import BatchSampler  # noqa: E402
+from dasgd.runtime.node import BufferPool, Driver, queue_limit_msgs  # noqa: E402
 
 TARGET_RATIO = 0.5
 TARGET_BYTES = 4_000_000
@@ -119,12 +136,12 @@ def fmt_size(nbytes: int) -> str:
     return f"{nbytes} B"
 
 
-def run_config(nbytes: int, kind: str) -> RunConfig:
-    """A 2-node dasgd run whose softmax model has ``nbytes / 4`` float32 parameters."""
+def run_config(kind: str, steps: int = 1) -> RunConfig:
+    """A 2-node dasgd run (b = 1) in which node 0 takes ``steps`` local steps."""
     return RunConfig(
         n_nodes=2,
         model=ModelConfig(name="softmax", dtype="float32"),
-        train=TrainConfig(optimizer="sgd", lr=0.05, batch_size=2, steps=1, send_every=1),
+        train=TrainConfig(optimizer="sgd", lr=0.05, batch_size=2, steps=steps, send_every=1),
         transport=TransportConfig(kind=kind),
     )
 
@@ -138,33 +155,88 @@ def hwm_for(nbytes: int) -> int:
     return queue_limit_msgs(TransportConfig(), nbytes)
 
 
-def add_to_open_delta(node: Node, u: np.ndarray) -> None:
-    node.accumulate(u)  # what Node.train does with each update
+class FixedGradient:
+    """Stands in for the sender's model: no computation, the gradient buffer is left as it is."""
+
+    def __init__(self, n_params: int) -> None:
+        self.n_params = n_params
+
+    def loss_and_grad(self, params, X, y, out=None):
+        return 0.0, out
 
 
-def make_node(node_id: int, nbytes: int, kind: str, bind: str, work: Path) -> Node:
-    """Node ``node_id`` of a 2-node run, its inbox bound, its log open (as ``node_main`` does)."""
-    config = run_config(nbytes, kind)
+class FixedUpdate:
+    """Stands in for the sender's optimizer: every step's parameter change is ``u``."""
+
+    def __init__(self, u: np.ndarray) -> None:
+        self.u = u
+
+    def update(self, grad, lr=None) -> np.ndarray:
+        return self.u
+
+    def state_dict(self) -> dict:
+        return {"name": "fixed-update"}
+
+
+def make_machine(node_id: int, nbytes: int, kind: str, steps: int):
+    """Node ``node_id``'s machine, as :func:`dasgd.build.build_machine` builds it for a 2-node run.
+
+    Node 0 (the sender) takes ``steps`` steps whose gradient is a stand-in
+    returning a fixed update: each step is the delta path alone. Node 1 (the
+    receiver) takes no step: it finishes at once and drains, applying every
+    delta node 0 sends.
+    """
     d = n_features_for(nbytes)
-    X = np.zeros((2, d), np.float32)
-    y = np.array([0, 1], np.int64)
-    node = Node(config, node_id, [1 - node_id], X, y, N_CLASSES, work)
-    if node.n_params * 4 != nbytes:
-        raise RuntimeError(f"model has {node.n_params} parameters, expected {nbytes // 4}")
-    max_bytes = node.n_params * node.dtype.itemsize + wire.MAX_HEADER_BYTES + 4096
-    node.transport = Transport(
+    machine = build_machine(
+        run_config(kind, max(1, steps)),
         node_id,
-        bind,
-        hwm_msgs=queue_limit_msgs(config.transport, nbytes),
-        max_message_bytes=max_bytes,
+        n_features=d,
+        n_classes=N_CLASSES,
+        shard=(np.zeros((2, d), np.float32), np.array([0, 1], np.int64)),
+        neighbours=[1 - node_id],
     )
-    try:
-        node.transport.start()
-        node.log = EventLog(work / f"node-{node_id}-{os.getpid()}.jsonl", node_id).open()
-    except BaseException:
-        close_node(node)
-        raise
-    return node
+    if machine.n_params * 4 != nbytes:
+        raise RuntimeError(f"model has {machine.n_params} parameters, expected {nbytes // 4}")
+    machine.total_steps = steps
+    machine.model = FixedGradient(machine.n_params)
+    machine.optimizer = FixedUpdate(np.full(machine.n_params, 1e-6, machine.dtype))
+    # the stand-in reads no data: a one-column shard (no row copies per step), long
+    # enough that the sampler draws a new permutation as rarely as in a real run
+    rows = 1 << 16
+    machine.X = np.zeros((rows, 1), np.float32)
+    machine.y = np.zeros(rows, np.int64)
+    machine.sampler = BatchSampler(rows, 2, seed=1)
+    return machine
+
+
+def make_driver(node_id: int, nbytes: int, kind: str, bind: str, work: Path) -> Driver:
+    """Node ``node_id``'s driver with its inbox bound and its log open (as ``node_main`` does).
+
+    Its machine is a placeholder: :func:`fresh_machine` puts the machine of a
+    repetition in place before each run.
+    """
+    d = n_features_for(nbytes)
+    return in_process_driver(
+        run_config(kind),
+        node_id,
+        shard=(np.zeros((2, d), np.float32), np.array([0, 1], np.int64)),
+        n_features=d,
+        n_classes=N_CLASSES,
+        bind=bind,
+        log_path=work / f"node-{node_id}-{os.getpid()}.jsonl",
+        neighbours=[1 - node_id],
+    )
+
+
+def fresh_machine(driver: Driver, node_id: int, nbytes: int, steps: int) -> Driver:
+    """A new driver for a new run on ``driver``'s sockets, log and pool: a fresh machine of ``steps`` steps.
+
+    A machine runs once (its protocol drains and stops), so every repetition
+    gets new ones; sockets and buffer pools are kept, as in one long run.
+    """
+    machine = make_machine(node_id, nbytes, driver.config.transport.kind, steps)
+    machine.new_buffer = driver.pool.take
+    return Driver(machine, driver.config, driver.transport, driver.log, driver.pool)
 
 
 # ---------------------------------------------------------------------------
@@ -222,16 +294,22 @@ def worker_main(args) -> int:
         w.close()
 
 
-def serve(w: Worker, run_one) -> None:
+def serve(w: Worker, run_one, prepare=None) -> None:
     """Answer ``run`` commands with ``run_one(count, t_go)``'s result until ``exit``.
 
-    Each result carries the process's CPU time (all its threads, incl. ZeroMQ's
-    I/O thread) and minor page faults during the run.
+    ``prepare(count)`` (untimed) answers ``prepare`` commands, which come
+    before each ``run``. Each result carries the process's CPU time (all its
+    threads, incl. ZeroMQ's I/O thread) and minor page faults during the run.
     """
     while True:
         cmd = w.command()
         if cmd["cmd"] == "exit":
             return
+        if cmd["cmd"] == "prepare":
+            if prepare is not None:
+                prepare(cmd["count"])
+            w.tell(kind="prepared")
+            continue
         before = resource.getrusage(resource.RUSAGE_SELF)
         t_go = time.perf_counter()
         if w.args.worker.endswith("recv"):
@@ -288,73 +366,75 @@ def raw_sender(w: Worker) -> None:
 
 def dasgd_receiver(w: Worker) -> None:
     a = w.args
-    node = make_node(1, a.nbytes, a.transport, a.bind, Path(a.dir))
+    base = make_driver(1, a.nbytes, a.transport, a.bind, Path(a.dir))
     try:
+        w.tell(kind="ready", address=base.transport.address)
         # node 1's only neighbour is the origin of every delta: nothing is relayed,
-        # so it needs no outgoing socket
-        node.transport.connect({})
-        w.tell(kind="ready", address=node.transport.address)
-        applied = node.protocol.applied_deltas
+        # only its fin and complete go back, to the sender's inbox
+        cmd = w.command()
+        if cmd["cmd"] != "connect":
+            raise RuntimeError(f"expected connect, got {cmd['cmd']!r}")
+        base.transport.connect({0: cmd["address"]})
+        w.tell(kind="connected")
+        current = {}
+
+        def prepare(count: int) -> None:
+            current["driver"] = fresh_machine(base, 1, a.nbytes, 0)
 
         def run_one(count: int, t_go: float) -> dict:
-            target = int(applied[0]) + count
-            deadline = time.monotonic() + a.timeout_s
-            while applied[0] < target:
-                node._receive_all(timeout_s=0.05)
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"applied {int(applied[0])} of {target} deltas")
+            driver = current.pop("driver")
+            driver.run()
             seconds = time.perf_counter() - t_go
+            machine = driver.machine
+            applied = int(machine.protocol.applied_deltas[0])
+            if not driver.drained or applied != count:
+                raise RuntimeError(
+                    f"applied {applied} of {count} deltas, drained: {driver.drained}"
+                )
             return {
                 "seconds": seconds,
                 "bytes": count * a.nbytes,
                 "count": count,
-                "applied_total": int(applied[0]),
-                "malformed": node.malformed,
-                "duplicates": node.protocol.duplicates,
-                "params_finite": bool(np.isfinite(node.params).all()),
+                "applied": applied,
+                "malformed": driver.malformed,
+                "duplicates": machine.protocol.duplicates,
+                "params_finite": bool(np.isfinite(machine.params).all()),
             }
 
-        serve(w, run_one)
+        serve(w, run_one, prepare)
     finally:
-        close_node(node)
+        close_driver(base)
 
 
 def dasgd_sender(w: Worker) -> None:
     a = w.args
-    node = make_node(0, a.nbytes, a.transport, a.bind, Path(a.dir))
+    base = make_driver(0, a.nbytes, a.transport, a.bind, Path(a.dir))
     try:
-        node.transport.connect({1: a.connect})
-        w.tell(kind="ready", address=node.transport.address)
-        tc = node.config.transport
-        transport, protocol = node.transport, node.protocol
-        u = np.full(node.n_params, 1e-6, node.dtype)  # a fixed local update
-        waits = [0]
+        base.transport.connect({1: a.connect})
+        w.tell(kind="ready", address=base.transport.address)
+        current = {}
+
+        def prepare(count: int) -> None:
+            current["driver"] = fresh_machine(base, 0, a.nbytes, count)
 
         def run_one(count: int, t_go: float) -> dict:
-            for _ in range(count):
-                # backpressure exactly as Node.train
-                if transport.backlog_msgs and transport.flush() > tc.max_backlog_msgs:
-                    waits[0] += 1
-                    node._wait_backlog()
-                add_to_open_delta(node, u)
-                out = protocol.local_step()
-                if out is not None:
-                    node._seal_and_send(out)
-            deadline = time.monotonic() + a.timeout_s
-            while transport.flush():
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{transport.backlog_msgs} messages not accepted")
-                node._receive_all(timeout_s=0.002)
+            driver = current.pop("driver")
+            driver.run()
+            machine = driver.machine
+            if not driver.drained or machine.step != count:
+                raise RuntimeError(
+                    f"sent {machine.step} of {count} deltas, drained: {driver.drained}"
+                )
             return {
                 "seconds": time.perf_counter() - t_go,
                 "count": count,
-                "backpressure_waits": waits[0],
-                "pool_buffers": len(getattr(getattr(node, "pool", None), "_in_flight", [])),
+                "backpressure_waits": machine.backlog_waits,
+                "pool_buffers": len(driver.pool._in_flight),
             }
 
-        serve(w, run_one)
+        serve(w, run_one, prepare)
     finally:
-        close_node(node)
+        close_driver(base)
 
 
 # ---------------------------------------------------------------------------
@@ -432,7 +512,11 @@ class Pairs:
         self._spawn("raw-send", addresses["raw-recv"])
         self._spawn("dasgd-send", addresses["dasgd-recv"])
         for _ in range(2):
-            self._expect("ready")
+            role, msg = self._expect("ready")
+            addresses[role] = msg.get("address")
+        # the dasgd receiver sends its fin and complete back to the sender
+        self._tell("dasgd-recv", cmd="connect", address=addresses["dasgd-send"])
+        self._expect("connected")
 
     def _expect(self, kind: str, timeout_s: float | None = None) -> tuple[str, dict]:
         """The next control message, which must be of ``kind``; fails on a deadline or a dead worker."""
@@ -465,6 +549,10 @@ class Pairs:
     def run(self, competitor: str, count: int) -> dict:
         """One timed transfer of ``count`` messages; the receiver's clock starts first."""
         recv, send = f"{competitor}-recv", f"{competitor}-send"
+        for role in (recv, send):  # untimed: dasgd builds the repetition's machines
+            self._tell(role, cmd="prepare", count=count)
+        for _ in range(2):
+            self._expect("prepared")
         self._tell(recv, cmd="run", count=count)
         self._expect("armed")
         self._tell(send, cmd="run", count=count)
@@ -563,9 +651,7 @@ def bench_size(args, nbytes: int, work: Path) -> dict:
 
 
 class _NullTransport:
-    """Stands in for the sender's transport: drops every message (frames are released at once)."""
-
-    backlog_msgs = 0
+    """Stands in for a transport: drops every message (frames are released at once)."""
 
     def send(self, to, frames) -> None:
         pass
@@ -605,41 +691,59 @@ def breakdown(nbytes: int, work: Path, repeat: int = 5) -> dict:
 
     bufs = [np.full(n_params, 1e-6, np.float32) for _ in range(n_cold)]  # touched: no page faults
     u = np.full(n_params, 1e-6, np.float32)
+    config = run_config("ipc")
+    log = EventLog(work / "breakdown.jsonl", 0).open()
 
-    # sender: the real node with a transport that drops every message
-    sender = make_node(0, nbytes, "ipc", f"ipc://{work}/bd-0", work)
-    sender.transport.close()
-    sender.transport = _NullTransport()
-    headers: list[bytes] = []
+    def null_driver(node_id: int, steps: int) -> Driver:
+        """The real machine and driver of node ``node_id``, with a transport that drops every message."""
+        machine = make_machine(node_id, nbytes, "ipc", steps)
+        pool = BufferPool(machine.n_params, machine.dtype)
+        machine.new_buffer = pool.take
+        return Driver(machine, config, _NullTransport(), log, pool)
+
     try:
-        part, total = sender.open_delta, sender.delta_sum
+        # sender: node 0 stepping with the fixed update
+        sender = null_driver(0, 10**9).machine
+        params, part, total = sender.params, sender.open_delta, sender.delta_sum
         stage(
-            "send: open delta += u",
-            lambda: np.add(part, u, out=part),
+            "send: params += u",
+            lambda: np.add(params, u, out=params),
             rotating(lambda k: np.add(bufs[k], u, out=bufs[k])),
         )
-        stage("send: protocol.local_step()", sender.protocol.local_step)
-        header = sender.protocol.local_step().header
-        stage("send: wire.encode_header", lambda: wire.encode_header(header))
+        stage(
+            "send: open delta = u (a window's first step copies)",
+            lambda: np.copyto(part, u),
+            rotating(lambda k: np.copyto(bufs[k], u)),
+        )
+        protocol = sender.protocol
+        stage(
+            "send: protocol.read_model() + local_step() (seals)",
+            lambda: (protocol.read_model(), protocol.local_step()),
+        )
         stage(
             f"send: own-delta sum += delta ({total.dtype} += float32)",
             lambda: np.add(total, part, out=total),
             rotating(lambda k: np.add(total, bufs[k], out=total)),
         )
-        stage(
-            "send: zero the next open delta (fill(0))",
-            lambda: part.fill(0),
-            rotating(lambda k: bufs[k].fill(0)),
-        )
         for b in bufs:
             b.fill(1e-6)
+        header = protocol.local_step().header
+        stage("send: wire.encode_header", lambda: wire.encode_header(header))
         stage("send: zmq.Frame(array, track=True)", lambda: zmq.Frame(part, track=True))
-        stage(
-            "send: whole local_step + _seal_and_send (no socket)",
-            lambda: sender._seal_and_send(sender.protocol.local_step()),
-        )
-        # headers of the messages the receiver gets, seq 0, 1, ...
-        for seq in range(number * repeat + 1):
+        whole = null_driver(0, 10**9)
+
+        def send_one():
+            sends, wait = whole.machine.advance(0.0)
+            if wait is not CONTINUE or len(sends) != 1:
+                raise RuntimeError(f"advance() returned {wait!r} with {len(sends)} sends")
+            whole._send(sends[0])
+
+        stage("send: whole advance() + Driver._send (no socket)", send_one)
+        pool_size = len(whole.pool._in_flight)
+
+        # receiver: node 1's messages, seq 0, 1, ... from node 0
+        headers = []
+        for seq in range(number * repeat * 2 + 2):
             h = wire.Header(
                 "delta",
                 0,
@@ -652,39 +756,45 @@ def breakdown(nbytes: int, work: Path, repeat: int = 5) -> dict:
                 (n_params,),
             )
             headers.append(wire.encode_header(h))
-    finally:
-        close_node(sender)
-
-    receiver = make_node(1, nbytes, "ipc", f"ipc://{work}/bd-1", work)
-    try:
-        n_nodes = receiver.config.n_nodes
+        n_nodes = config.n_nodes
         head = zmq.Frame(headers[0])
         messages = [[head, zmq.Frame(b)] for b in bufs]
 
-        def decode(frames, check: bool = True):
+        def decode(frames, check: bool = False):
             return wire.decode(
                 frames, n_nodes, dtype="float32", n_params=n_params, check_finite=check
             )
 
         stage(
-            "recv: wire.decode incl. finite check (default)",
+            "recv: wire.decode (the driver's: no finite check)",
             lambda: decode(messages[0]),
             rotating(lambda k: decode(messages[k])),
         )
+        parsed_head, view0 = decode(messages[0])
+        views = [decode(m)[1] for m in messages]
         stage(
-            "recv: wire.decode without the finite check",
-            lambda: decode(messages[0], False),
-            rotating(lambda k: decode(messages[k], False)),
+            "recv: finite check of a new delta (on_message)",
+            lambda: wire.check_finite_array(parsed_head, view0),
+            rotating(lambda k: wire.check_finite_array(parsed_head, views[k])),
         )
+        receiver = null_driver(1, 0).machine
         parsed = iter([wire.decode_header(raw, n_nodes) for raw in headers])
         stage("recv: protocol.receive", lambda: receiver.protocol.receive(next(parsed)))
-        params = receiver.params
-        views = [decode(m, False)[1] for m in messages]
+        rparams = receiver.params
         stage(
             "recv: params += delta",
-            lambda: np.add(params, views[0], out=params),
-            rotating(lambda k: np.add(params, views[k], out=params)),
+            lambda: np.add(rparams, view0, out=rparams),
+            rotating(lambda k: np.add(rparams, views[k], out=rparams)),
         )
+        handler = null_driver(1, 0)
+        frames = iter([[zmq.Frame(raw), messages[k % n_cold][1]] for k, raw in enumerate(headers)])
+
+        def handle_one():
+            handler._handle(next(frames))
+
+        stage("recv: whole Driver._handle (decode, on_message: check, receive, apply)", handle_one)
+        if handler.malformed:
+            raise RuntimeError(f"{handler.malformed} messages refused in the breakdown")
         dst = np.empty(n_params, np.float32)
         stage(
             "reference: memcpy of one delta (np.copyto)",
@@ -692,13 +802,14 @@ def breakdown(nbytes: int, work: Path, repeat: int = 5) -> dict:
             rotating(lambda k: np.copyto(dst, bufs[k])),
         )
     finally:
-        close_node(receiver)
+        log.close()
+    rows["send: whole advance() + Driver._send (no socket)"]["pool_buffers"] = pool_size
     return {"n_cold_buffers": n_cold, "number": number, "stages_us": rows}
 
 
 def per_message_stages(rows: dict, side: str) -> list[str]:
     """The stages that make up one message on ``side`` ("send" or "recv"), without overlaps."""
-    skip = ("whole", "without")
+    skip = ("whole",)
     return [n for n in rows if n.startswith(side + ":") and not any(w in n for w in skip)]
 
 

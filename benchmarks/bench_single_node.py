@@ -16,9 +16,12 @@ printed beside it.
     a careful user writes it without dasgd. It calls no dasgd model code; its
     gradient is checked once against :class:`dasgd.ml.models.MLP` before timing.
 ``node``
-    The real runtime loop :meth:`dasgd.runtime.node.Node.train` of a node without
-    neighbours (``n_nodes=1``), built in-process with a real ipc transport and
-    event log. Only ``train()`` is timed (construction is not).
+    The real code path of a node without neighbours (``n_nodes=1``): its
+    :class:`~dasgd.core.node.DasgdNode` built by :func:`dasgd.build.build_machine`,
+    run by :meth:`dasgd.runtime.node.Driver.run` (the loop of every node process:
+    ``advance()``, ``_receive_all()``, interval and eval checks, the drain)
+    with a real ipc transport and event log, built in-process as ``node_main``
+    builds them. Only ``run()`` is timed (construction is not).
 ``cli`` (information; the first ``--cli-reps`` repetitions; ``--no-cli`` skips it)
     ``dasgd run -n 1`` end to end, wall time of the whole command including
     interpreter start, dataset loading, launching, the final evaluation and the
@@ -57,14 +60,18 @@ from datetime import datetime, timezone  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
-from common import close_node, machine_info, report_load, summarize  # noqa: E402
+from common import (  # noqa: E402
+    close_driver,
+    in_process_driver,
+    machine_info,
+    report_load,
+    summarize,
+)
 
-from dasgd.analysis.metrics import EventLog  # noqa: E402
 from dasgd.config import ModelConfig, RunConfig, TrainConfig  # noqa: E402
+from dasgd.core.actions import CONTINUE  # noqa: E402
 from dasgd.ml.data import load_dataset  # noqa: E402
 from dasgd.ml.models import build_model  # noqa: E402
-from dasgd.runtime.node import Node, queue_limit_msgs  # noqa: E402
-from dasgd.runtime.transport import Transport  # noqa: E402
 
 TARGET_RATIO = 0.9
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_single_node.json"
@@ -208,47 +215,51 @@ def run_config(hidden, batch_size: int, steps: int, lr: float) -> RunConfig:
 def time_loop(ds, hidden, args, steps: int, seed: int) -> dict:
     sizes = (ds.n_features, *hidden, ds.n_classes)
     net = PlainMLP(sizes, args.batch_size, args.lr, seed=seed)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.thread_time()
     mean_loss = train_loop(net, ds.X_train, ds.y_train, args.batch_size, steps, seed + 1)
-    seconds = time.perf_counter() - t0
+    seconds, cpu_s = time.perf_counter() - t0, time.thread_time() - c0
     return {
         "seconds": seconds,
         "steps_per_s": steps / seconds,
+        "cpu_s": cpu_s,
         "mean_loss": mean_loss,
         "final_train_loss": net.loss(ds.X_train, ds.y_train),
     }
 
 
-def make_node(config: RunConfig, ds, work: Path, tag: str) -> Node:
-    """A node with no neighbours, its ipc inbox bound and its log open (as node_main does)."""
-    node = Node(config, 0, [], ds.X_train, ds.y_train, ds.n_classes, work)
-    nbytes = node.n_params * node.dtype.itemsize
-    node.transport = Transport(
+def make_driver(config: RunConfig, ds, work: Path, tag: str):
+    """A lone node's machine and driver, its ipc inbox bound and its log open (as node_main does)."""
+    driver = in_process_driver(
+        config,
         0,
-        f"ipc://{work}/{tag}",
-        hwm_msgs=queue_limit_msgs(config.transport, nbytes),
-        max_message_bytes=nbytes + (1 << 16),
+        shard=(ds.X_train, ds.y_train),
+        n_features=ds.n_features,
+        n_classes=ds.n_classes,
+        bind=f"ipc://{work}/{tag}",
+        log_path=work / f"{tag}.jsonl",
     )
-    try:
-        node.transport.start()
-        node.transport.connect({})
-        node.log = EventLog(work / f"{tag}.jsonl", 0, flush_interval_s=config.log_interval_s).open()
-    except BaseException:
-        close_node(node, linger_s=0.0)
-        raise
-    return node
+    driver.transport.connect({})
+    return driver
 
 
 def time_node(ds, hidden, args, steps: int, work: Path, tag: str) -> dict:
-    node = make_node(run_config(hidden, args.batch_size, steps, args.lr), ds, work, tag)
+    driver = make_driver(run_config(hidden, args.batch_size, steps, args.lr), ds, work, tag)
+    machine = driver.machine
     try:
-        t0 = time.perf_counter()
-        node.train()
-        seconds = time.perf_counter() - t0
-        loss = node.model.loss(node.params, ds.X_train, ds.y_train)
+        t0, c0 = time.perf_counter(), time.thread_time()
+        driver.run()
+        seconds, cpu_s = time.perf_counter() - t0, time.thread_time() - c0
+        if not driver.drained or machine.step != steps:
+            raise RuntimeError(f"the node stopped at step {machine.step} of {steps}")
+        loss = machine.model.loss(machine.params, ds.X_train, ds.y_train)
     finally:
-        close_node(node, linger_s=0.0)
-    return {"seconds": seconds, "steps_per_s": steps / seconds, "final_train_loss": loss}
+        close_driver(driver, linger_s=0.0)
+    return {
+        "seconds": seconds,
+        "steps_per_s": steps / seconds,
+        "cpu_s": cpu_s,
+        "final_train_loss": loss,
+    }
 
 
 def time_cli(hidden, args, steps: int, work: Path, tag: str) -> dict:
@@ -361,44 +372,75 @@ def gradient_check(ds, hidden, batch_size: int) -> float:
     return err
 
 
-#: step_breakdown entries that together make one node step (no overlaps)
+#: step_breakdown entries that together make one step of Driver.run (no overlaps)
 NODE_STAGES = (
-    "node: X[idx] + model.loss_and_grad",
-    "node: optimizer.update + params += u",
-    "node: _receive_all() (nothing waiting)",
-    "node: open delta += u, local_step, _seal_and_send",
+    "node: advance() (one whole step)",
+    "driver: _receive_all() (nothing waiting)",
+    "driver: loop checks (stop, has_pending, clock, interval, _evaluate)",
+)
+#: step_breakdown entries inside advance() (the rest is the state machine's own Python)
+ADVANCE_PARTS = (
+    "advance: X[idx] + model.loss_and_grad",
+    "advance: optimizer.update + params += u",
 )
 
 
 def step_breakdown(ds, hidden, args, work: Path) -> dict:
-    """Per-step cost of what Node.train does around the gradient (microseconds, best of 5)."""
-    node = make_node(run_config(hidden, args.batch_size, 50, args.lr), ds, work, "breakdown")
+    """Per-step cost of what Driver.run does around the gradient (microseconds, best of 5).
+
+    The stages are the lines of one iteration of :meth:`Driver.run` for a node
+    that never waits (``wait is CONTINUE``): the machine's ``advance()`` (a
+    whole local step), the driver's ``_receive_all()`` and its per-step
+    checks; inside ``advance()``, the gradient and the update.
+    """
+    # a node with steps to spare: every advance() below is one whole local step
+    config = run_config(hidden, args.batch_size, 10**9, args.lr)
+    driver = make_driver(config, ds, work, "breakdown")
     try:
-        node.train()  # warm buffers and caches
-        idx = node.sampler.next_batch()
-        yb = node.y[idx]
-        grad, params = node._grad, node.params
-        update = node.optimizer.update(grad)
+        machine = driver.machine
+        transport = driver.transport
+        for _ in range(50):  # warm buffers and caches
+            machine.advance(time.monotonic())
+        idx = machine.sampler.next_batch()
+        yb = machine.y[idx]
+        grad, params = machine._grad, machine.params
         net = PlainMLP((ds.n_features, *hidden, ds.n_classes), args.batch_size, args.lr, 0)
+        log_every_s = config.log_interval_s
 
-        def add_to_open_delta():
-            node.accumulate(update)
+        def advance():
+            sends, wait = machine.advance(
+                time.monotonic(), work_s=0.0, backlog_msgs=0, backlog_bytes=0
+            )
+            if sends or wait is not CONTINUE:
+                raise RuntimeError(f"advance() returned {wait!r} with {len(sends)} sends")
 
-        def seal_and_send():
-            add_to_open_delta()
-            node._seal_and_send(node.protocol.local_step())
+        def loop_checks():
+            # Driver.run's per-step lines besides advance() and _receive_all() (slowdown off)
+            driver._check_stop()
+            if transport.has_pending:
+                transport.flush()
+            now = time.monotonic()  # the other of the two clock reads is advance()'s argument
+            if now - driver._interval_t >= log_every_s:
+                raise RuntimeError("an interval record fell due inside the breakdown")
+            driver._evaluate(now)
 
+        driver._interval_t = math.inf  # no interval record falls due
         items = {
             "loop: X[idx] + loss_and_grad + W -= lr*g": lambda: net.step(ds.X_train[idx], yb),
-            "node: X[idx] + model.loss_and_grad": lambda: node.model.loss_and_grad(
-                params, node.X[idx], yb, out=grad
+            "node: advance() (one whole step)": advance,
+            "advance: X[idx] + model.loss_and_grad": lambda: machine.model.loss_and_grad(
+                params, machine.X[idx], yb, out=grad
             ),
-            "node: optimizer.update + params += u": lambda: np.add(
-                params, node.optimizer.update(grad), out=params
+            "advance: optimizer.update + params += u": lambda: np.add(
+                params, machine.optimizer.update(grad), out=params
             ),
-            "node: open delta += u": add_to_open_delta,
-            "node: _receive_all() (nothing waiting)": node._receive_all,
-            "node: open delta += u, local_step, _seal_and_send": seal_and_send,
+            "advance: sampler.next_batch()": machine.sampler.next_batch,
+            "advance: protocol.read_model() + local_step()": lambda: (
+                machine.protocol.read_model(),
+                machine.protocol.local_step(),
+            ),
+            "driver: _receive_all() (nothing waiting)": driver._receive_all,
+            "driver: loop checks (stop, has_pending, clock, interval, _evaluate)": loop_checks,
         }
         n = max(20, min(2000, int(0.05 / max(1e-6, _once(items[next(iter(items))])))))
         out = {}
@@ -406,7 +448,7 @@ def step_breakdown(ds, hidden, args, work: Path) -> dict:
             out[name] = min(timeit.repeat(fn, number=n, repeat=5)) / n * 1e6
         return out
     finally:
-        close_node(node, linger_s=0.0)
+        close_driver(driver, linger_s=0.0)
 
 
 def _once(fn) -> float:
@@ -454,6 +496,9 @@ def bench_config(ds, hidden, steps: int, args, work: Path) -> dict:
     if "cli" in raw and all(r["node_train_s"] for r in raw["cli"]):
         rates["cli-train"] = [steps / r["node_train_s"] for r in raw["cli"]]
     paired = [n / lo for n, lo in zip(rates["node"], rates["loop"], strict=True)]
+    # the same ratio on the main thread's CPU time: time the process was descheduled
+    # (other jobs on a shared machine) is excluded
+    paired_cpu = [lo["cpu_s"] / n["cpu_s"] for n, lo in zip(raw["node"], raw["loop"], strict=True)]
     result = {
         "hidden": list(hidden),
         "n_params": n_params,
@@ -462,6 +507,7 @@ def bench_config(ds, hidden, steps: int, args, work: Path) -> dict:
         "steps_per_s": {name: summarize(values) for name, values in rates.items()},
         "ratio_node_over_loop": statistics.median(rates["node"]) / statistics.median(rates["loop"]),
         "paired_ratio_node_over_loop": summarize(paired),
+        "paired_cpu_ratio_node_over_loop": summarize(paired_cpu),
         "final_train_loss": {
             name: statistics.median(r["final_train_loss"] for r in raw[name])
             for name in ("loop", "node")
@@ -507,19 +553,35 @@ def print_table(results: list[dict]) -> None:
                 f"{model:>16} {res['n_params']:>9} {name:>10} {s['median']:>9.0f} {rng:>17}"
                 f" {ratio:>7} {paired:>20}  {verdict}"
             )
+    print(
+        "\nthe same paired ratio on CPU time of the main thread (steps per CPU-second; "
+        "time descheduled by other jobs is excluded: on a busy machine it is the steadier figure):"
+    )
+    for res in results:
+        p = res["paired_cpu_ratio_node_over_loop"]
+        print(
+            f"{'-'.join(map(str, res['hidden'])):>16} {res['n_params']:>9}  node/loop on CPU time "
+            f"{p['median']:.3f} [{p['min']:.3f}..{p['max']:.3f}]"
+        )
     for res in results:
         if "step_breakdown_us" in res:
             print(f"\nper-step cost, MLP hidden {res['hidden']} (us, best of 5 timeit runs):")
             costs = res["step_breakdown_us"]
+            width = max(map(len, costs))
             for name, us in costs.items():
-                print(f"  {name:<52} {us:9.1f}")
+                print(f"  {name:<{width}} {us:9.1f}")
             node_sum = sum(costs[k] for k in NODE_STAGES)
+            advance_rest = costs[NODE_STAGES[0]] - sum(costs[k] for k in ADVANCE_PARTS)
             loop_us = 1e6 / res["steps_per_s"]["loop"]["median"]
             node_us = 1e6 / res["steps_per_s"]["node"]["median"]
             print(
-                f"  node stages summed: {node_sum:.0f} us; measured per step in train(): "
-                f"{node_us:.0f} us (loop: {loop_us:.0f} us);\n  the difference is train()'s "
-                "own Python and effects the isolated timings do not see (caches, threads)"
+                f"  advance() besides the gradient and the update: {advance_rest:.1f} us "
+                "(sampler, protocol, the state machine's own Python)"
+            )
+            print(
+                f"  node stages summed: {node_sum:.0f} us; measured per step in Driver.run(): "
+                f"{node_us:.0f} us (loop: {loop_us:.0f} us);\n  the difference is run()'s "
+                "own Python, the drain and effects the isolated timings do not see (caches, threads)"
             )
 
 

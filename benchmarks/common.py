@@ -1,4 +1,4 @@
-"""What the benchmark scripts share: statistics over repetitions and a description of the machine.
+"""What the benchmark scripts share: statistics over repetitions, a description of the machine, in-process drivers.
 
 The scripts run as ``python benchmarks/<script>.py``, so this module is
 imported from the scripts' own directory.
@@ -9,8 +9,15 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import time
 
 import numpy as np
+
+from dasgd.analysis.metrics import EventLog
+from dasgd.build import build_machine
+from dasgd.core import wire
+from dasgd.runtime.node import BufferPool, Driver, queue_limit_msgs
+from dasgd.runtime.transport import Transport
 
 
 def summarize(values) -> dict:
@@ -45,9 +52,77 @@ def report_load(load_before: float) -> float:
     return load_after
 
 
-def close_node(node, linger_s: float = 1.0) -> None:
-    """Close an in-process benchmark node's transport and log."""
-    if node.transport is not None:
-        node.transport.close(linger_s=linger_s)
-    if node.log is not None:
-        node.log.close()
+def in_process_driver(
+    config,
+    node_id: int,
+    *,
+    shard,
+    n_features: int,
+    n_classes: int,
+    bind: str,
+    log_path,
+    neighbours=(),
+):
+    """A node's real state machine and process driver, built in this process as ``node_main`` builds them.
+
+    The machine comes from :func:`dasgd.build.build_machine` (a
+    :class:`~dasgd.core.node.DasgdNode` for a DASGD config), its open-delta
+    buffers from a :class:`~dasgd.runtime.node.BufferPool`, its inbox is bound
+    with the high-water mark and message limit ``node_main`` uses, and its
+    event log is open with ``t0`` on :func:`time.monotonic`'s clock. The
+    caller connects the transport (``driver.transport.connect``) and closes
+    everything with :func:`close_driver`. No evaluator: nothing is evaluated.
+
+    Parameters
+    ----------
+    config : dasgd.config.RunConfig
+    node_id : int
+    shard : tuple of (ndarray of shape (m, n_features), ndarray of shape (m,))
+        The node's training data.
+    n_features, n_classes : int
+    bind : str
+        Inbox address (``ipc://...`` or ``tcp://...``).
+    log_path : path-like
+        The node's JSONL event log.
+    neighbours : iterable of int
+
+    Returns
+    -------
+    dasgd.runtime.node.Driver
+        ``driver.machine`` is the state machine.
+    """
+    machine = build_machine(
+        config,
+        node_id,
+        n_features=n_features,
+        n_classes=n_classes,
+        shard=shard,
+        neighbours=list(neighbours),
+    )
+    pool = BufferPool(machine.n_params, machine.dtype)
+    machine.new_buffer = pool.take  # buffers ZeroMQ has released, as node_main does
+    message_bytes = machine.n_params * machine.dtype.itemsize
+    transport = Transport(
+        node_id,
+        bind,
+        hwm_msgs=queue_limit_msgs(config.transport, message_bytes),
+        max_message_bytes=message_bytes + wire.MAX_HEADER_BYTES + 4096,
+    )
+    log = None
+    try:
+        transport.start()
+        log = EventLog(
+            log_path, node_id, flush_interval_s=config.log_interval_s, t0=time.monotonic()
+        ).open()
+        return Driver(machine, config, transport, log, pool)
+    except BaseException:
+        transport.close(linger_s=0.0)
+        if log is not None:
+            log.close()
+        raise
+
+
+def close_driver(driver, linger_s: float = 1.0) -> None:
+    """Close an in-process benchmark driver's transport and log."""
+    driver.transport.close(linger_s=linger_s)
+    driver.log.close()
