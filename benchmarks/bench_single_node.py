@@ -374,15 +374,26 @@ def gradient_check(ds, hidden, batch_size: int) -> float:
 
 #: step_breakdown entries that together make one step of Driver.run (no overlaps)
 NODE_STAGES = (
-    "node: advance() (one whole step)",
+    "advance: model.loss_and_grad (batch gathered)",
+    "advance: optimizer.update(grad)",
+    "advance: the rest (model and optimizer stubbed)",
     "driver: _receive_all() (nothing waiting)",
     "driver: loop checks (stop, has_pending, clock, interval, _evaluate)",
 )
-#: step_breakdown entries inside advance() (the rest is the state machine's own Python)
-ADVANCE_PARTS = (
-    "advance: X[idx] + model.loss_and_grad",
-    "advance: optimizer.update + params += u",
-)
+
+
+class _StubModel:
+    """Stands in for the model and the optimizer: no numerics, so advance()'s own work shows."""
+
+    def __init__(self, n_params: int, dtype) -> None:
+        self.n_params = n_params
+        self.change = np.zeros(n_params, dtype)
+
+    def loss_and_grad(self, params, X, y, out=None):
+        return 0.5, out
+
+    def update(self, grad, lr=None):
+        return self.change
 
 
 def step_breakdown(ds, hidden, args, work: Path) -> dict:
@@ -390,29 +401,38 @@ def step_breakdown(ds, hidden, args, work: Path) -> dict:
 
     The stages are the lines of one iteration of :meth:`Driver.run` for a node
     that never waits (``wait is CONTINUE``): the machine's ``advance()`` (a
-    whole local step), the driver's ``_receive_all()`` and its per-step
-    checks; inside ``advance()``, the gradient and the update.
+    whole local step: the gradient, the update and the rest, timed on a twin
+    node whose model and optimizer are stubs), the driver's ``_receive_all()``
+    and its per-step checks. ``node: advance()`` times whole steps for
+    comparison; the loop's step is timed on the same batch.
     """
-    # a node with steps to spare: every advance() below is one whole local step
+    # nodes with steps to spare: every advance() below is one whole local step
     config = run_config(hidden, args.batch_size, 10**9, args.lr)
     driver = make_driver(config, ds, work, "breakdown")
+    stubbed = make_driver(config, ds, work, "breakdown-stubbed")
     try:
         machine = driver.machine
         transport = driver.transport
+        stub = _StubModel(machine.n_params, machine.dtype)
+        stubbed.machine.model = stubbed.machine.optimizer = stub
         for _ in range(50):  # warm buffers and caches
             machine.advance(time.monotonic())
+            stubbed.machine.advance(time.monotonic())
         idx = machine.sampler.next_batch()
-        yb = machine.y[idx]
+        Xb, yb = machine.X[idx], machine.y[idx]
         grad, params = machine._grad, machine.params
         net = PlainMLP((ds.n_features, *hidden, ds.n_classes), args.batch_size, args.lr, 0)
         log_every_s = config.log_interval_s
 
-        def advance():
-            sends, wait = machine.advance(
-                time.monotonic(), work_s=0.0, backlog_msgs=0, backlog_bytes=0
-            )
-            if sends or wait is not CONTINUE:
-                raise RuntimeError(f"advance() returned {wait!r} with {len(sends)} sends")
+        def step(m):
+            def advance():
+                sends, wait = m.advance(
+                    time.monotonic(), work_s=0.0, backlog_msgs=0, backlog_bytes=0
+                )
+                if sends or wait is not CONTINUE:
+                    raise RuntimeError(f"advance() returned {wait!r} with {len(sends)} sends")
+
+            return advance
 
         def loop_checks():
             # Driver.run's per-step lines besides advance() and _receive_all() (slowdown off)
@@ -427,28 +447,30 @@ def step_breakdown(ds, hidden, args, work: Path) -> dict:
         driver._interval_t = math.inf  # no interval record falls due
         items = {
             "loop: X[idx] + loss_and_grad + W -= lr*g": lambda: net.step(ds.X_train[idx], yb),
-            "node: advance() (one whole step)": advance,
-            "advance: X[idx] + model.loss_and_grad": lambda: machine.model.loss_and_grad(
-                params, machine.X[idx], yb, out=grad
+            "node: advance() (one whole step)": step(machine),
+            "advance: model.loss_and_grad (batch gathered)": lambda: machine.model.loss_and_grad(
+                params, Xb, yb, out=grad
             ),
-            "advance: optimizer.update + params += u": lambda: np.add(
-                params, machine.optimizer.update(grad), out=params
-            ),
-            "advance: sampler.next_batch()": machine.sampler.next_batch,
-            "advance: protocol.read_model() + local_step()": lambda: (
+            "advance: optimizer.update(grad)": lambda: machine.optimizer.update(grad),
+            "advance: the rest (model and optimizer stubbed)": step(stubbed.machine),
+            "  of which sampler.next_batch()": machine.sampler.next_batch,
+            "  of which X[idx], y[idx]": lambda: (machine.X[idx], machine.y[idx]),
+            "  of which params += u": lambda: np.add(params, stub.change, out=params),
+            "  of which protocol.read_model() + local_step()": lambda: (
                 machine.protocol.read_model(),
                 machine.protocol.local_step(),
             ),
             "driver: _receive_all() (nothing waiting)": driver._receive_all,
             "driver: loop checks (stop, has_pending, clock, interval, _evaluate)": loop_checks,
         }
-        n = max(20, min(2000, int(0.05 / max(1e-6, _once(items[next(iter(items))])))))
         out = {}
-        for name, fn in items.items():
-            out[name] = min(timeit.repeat(fn, number=n, repeat=5)) / n * 1e6
+        for name, fn in items.items():  # ~50 ms per timing
+            number = max(20, min(2000, int(0.05 / max(1e-6, _once(fn)))))
+            out[name] = min(timeit.repeat(fn, number=number, repeat=5)) / number * 1e6
         return out
     finally:
         close_driver(driver, linger_s=0.0)
+        close_driver(stubbed, linger_s=0.0)
 
 
 def _once(fn) -> float:
@@ -571,13 +593,8 @@ def print_table(results: list[dict]) -> None:
             for name, us in costs.items():
                 print(f"  {name:<{width}} {us:9.1f}")
             node_sum = sum(costs[k] for k in NODE_STAGES)
-            advance_rest = costs[NODE_STAGES[0]] - sum(costs[k] for k in ADVANCE_PARTS)
             loop_us = 1e6 / res["steps_per_s"]["loop"]["median"]
             node_us = 1e6 / res["steps_per_s"]["node"]["median"]
-            print(
-                f"  advance() besides the gradient and the update: {advance_rest:.1f} us "
-                "(sampler, protocol, the state machine's own Python)"
-            )
             print(
                 f"  node stages summed: {node_sum:.0f} us; measured per step in Driver.run(): "
                 f"{node_us:.0f} us (loop: {loop_us:.0f} us);\n  the difference is run()'s "
