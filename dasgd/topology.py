@@ -774,6 +774,10 @@ def spectral_gap(graph: nx.Graph) -> float:
     return float(min(1.0, max(0.0, 1.0 - second_modulus)))
 
 
+#: Largest graph whose diameter and spectral gap :func:`describe_topology` computes.
+DESCRIBE_EXACT_MAX_NODES = 2000
+
+
 def describe_topology(graph: nx.Graph) -> dict[str, Any]:
     """Return summary statistics of a topology as JSON-serializable values.
 
@@ -788,7 +792,9 @@ def describe_topology(graph: nx.Graph) -> dict[str, Any]:
         Exactly the keys ``n_nodes`` (int), ``n_edges`` (int), ``degree_min``
         (int), ``degree_max`` (int), ``degree_mean`` (float), ``diameter``
         (int, hops), ``spectral_gap`` (float, see :func:`spectral_gap`) and
-        ``mixing_matrix`` (str, ``"metropolis-hastings"``).
+        ``mixing_matrix`` (str, ``"metropolis-hastings"``). Above
+        :data:`DESCRIBE_EXACT_MAX_NODES` nodes (simulations) ``diameter`` and
+        ``spectral_gap`` are None: they cost O(n E) and O(n^3).
 
     Raises
     ------
@@ -798,6 +804,17 @@ def describe_topology(graph: nx.Graph) -> dict[str, Any]:
     validate_topology(graph)
     degrees = [d for _, d in graph.degree]
     n = graph.number_of_nodes()
+    if n > DESCRIBE_EXACT_MAX_NODES:
+        return {
+            "n_nodes": int(n),
+            "n_edges": int(graph.number_of_edges()),
+            "degree_min": int(min(degrees)),
+            "degree_max": int(max(degrees)),
+            "degree_mean": float(sum(degrees) / n),
+            "diameter": None,
+            "spectral_gap": None,
+            "mixing_matrix": "metropolis-hastings",
+        }
     return {
         "n_nodes": int(n),
         "n_edges": int(graph.number_of_edges()),
@@ -836,7 +853,10 @@ def format_topology(graph: nx.Graph) -> str:
     info = describe_topology(graph)
     rows: list[tuple[str, str]] = [("spec", str(graph.graph.get("spec", "-")))]
     for key, value in info.items():
-        text = f"{value:.6g}" if isinstance(value, float) else str(value)
+        if value is None:
+            text = f"not computed above {DESCRIBE_EXACT_MAX_NODES} nodes"
+        else:
+            text = f"{value:.6g}" if isinstance(value, float) else str(value)
         rows.append((key, text))
     width = max(len(key) for key, _ in rows)
     lines = [f"{key:<{width}}  {text}" for key, text in rows]

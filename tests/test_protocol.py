@@ -118,6 +118,7 @@ def _simulate(graph, n_steps, send_every, seed, d=5, pruned=True, duplicate_p=0.
     models = [x0.copy() for _ in range(n)]
     open_delta = [np.zeros(d) for _ in range(n)]
     sent_total = np.zeros(d)
+    all_updates = np.zeros(d)
     queues = {(u, v): [] for u in range(n) for v in neighbours(graph, u)}
     steps_left = [n_steps] * n
 
@@ -150,6 +151,7 @@ def _simulate(graph, n_steps, send_every, seed, d=5, pruned=True, duplicate_p=0.
             u = rng.normal(size=d) * 0.1
             models[i] += u
             open_delta[i] += u
+            all_updates += u
             out = protos[i].local_step()
             if out:
                 seal(i, out)
@@ -171,7 +173,11 @@ def _simulate(graph, n_steps, send_every, seed, d=5, pruned=True, duplicate_p=0.
             models[link[1]] += payload
         if fwd:
             send(fwd, payload)
-    return protos, models, x0 + sent_total
+    if n > 1:  # every local update left its node inside exactly one sealed delta
+        np.testing.assert_allclose(sent_total, all_updates, rtol=1e-12, atol=1e-12)
+    else:  # a lone node seals nothing: its model is plain SGD
+        assert not sent_total.any()
+    return protos, models, x0 + all_updates
 
 
 @pytest.mark.parametrize(
@@ -195,7 +201,7 @@ def test_random_interleavings_every_delta_applied_once_and_models_equal(spec, n,
         assert p.vv.tolist() == [7] * n
         # deltas were applied in another order than `reference` summed them
         np.testing.assert_allclose(x, reference, rtol=1e-12, atol=1e-12)
-        expected = [(7 + b - 1) // b] * n
+        expected = [(7 + b - 1) // b if n > 1 else 0] * n
         expected[p.node_id] = 0
         assert p.applied_deltas.tolist() == expected
         # one staleness sample per applied delta; never negative, and bounded by the

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.protocol import counts_digest
+
 __all__ = [
     "EventLog",
     "Evaluator",
@@ -291,12 +293,10 @@ def build_summary(
     oracle = max(float(np.linalg.norm(m - reference)) for m in models) / scale
     sealed = [f["deltas_sealed"] for f in finals]
     steps = [f["steps"] for f in finals]
-    exactly_once = all(
-        f["applied_deltas_per_origin"][j] == sealed[j] and f["version_vector"][j] == steps[j]
-        for i, f in enumerate(finals)
-        for j in range(n)
-        if j != i
-    )
+    # every node holds every origin's deltas and steps (complete: applied == the fin totals it
+    # received) and those totals are what each origin says it sealed (one digest, O(n) per node)
+    expected = counts_digest(sealed, steps)
+    exactly_once = all(f["complete"] and f["fin_digest"] == expected for f in finals)
     per_class = per_class_accuracy(model, average, X_test, y_test, n_classes)
     train_s = max(f["train_s"] for f in finals)
     run = {

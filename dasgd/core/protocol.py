@@ -33,9 +33,27 @@ from ..errors import WireError
 from .staleness import StalenessTracker, apply_staleness, model_lag
 from .wire import VV_KINDS, Header
 
-__all__ = ["NodeProtocol", "Outgoing", "adjacency_sets"]
+__all__ = ["PER_ORIGIN_DETAIL_MAX", "NodeProtocol", "Outgoing", "adjacency_sets", "counts_digest"]
 
 _NO_VV = np.zeros(0, np.int64)
+#: Runs of at most this many nodes list per-origin counts in each node's summary;
+#: larger ones (simulations of thousands of nodes) give a digest instead.
+PER_ORIGIN_DETAIL_MAX = 512
+
+
+def counts_digest(deltas_per_origin, steps_per_origin) -> str:
+    """SHA-256 (hex) of per-origin delta and step counts, each of shape (n,).
+
+    A node's summary carries the digest of the ``fin`` totals it received; the
+    run summary compares it with the digest of what every origin reports it
+    sealed, an O(n) check per node that needs no n x n table.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    h.update(np.asarray(deltas_per_origin, dtype="<i8").tobytes())
+    h.update(np.asarray(steps_per_origin, dtype="<i8").tobytes())
+    return h.hexdigest()
 
 
 def adjacency_sets(neighbours_of) -> dict[int, frozenset[int]]:
@@ -102,9 +120,10 @@ class NodeProtocol:
         duplicates remain. Without it: plain flooding. Relay targets are found
         per message in O(degree), so set-up is O(degree) per node.
     vv_dtype : numpy integer dtype, default int64
-        Dtype of the version vector and of the per-origin counters. The
-        simulator uses int32 (n^2 of them at n nodes); steps per node must
-        then stay below 2**31.
+        Dtype of the version vector and of the per-origin counters, and of
+        the staleness sums: it must hold the run's total number of local
+        steps. The simulator uses int32 when that total is below 2**31
+        (n^2 counters at n nodes).
 
     Attributes
     ----------
@@ -205,6 +224,9 @@ class NodeProtocol:
         """
         if self.finished:
             raise RuntimeError("local_step() after finish()")
+        if not self.neighbours:  # a lone node: plain SGD, nothing to seal or send
+            self.vv[self.node_id] += 1
+            return None
         if self._window_steps == 0:
             # the window opens with the model its first gradient was computed on
             if not self._base_taken:
@@ -326,21 +348,22 @@ class NodeProtocol:
             raise WireError(
                 f"fin of node {origin} announces {header.seq} deltas for {header.steps} steps (b = {self.send_every})"
             )
+        # duplicates are dropped before any O(n) work: lag is measured on what is new
+        if kind == "fin":
+            if self._fin_deltas[origin] >= 0:
+                self.duplicates += 1
+                return False, None
+        elif kind == "delta" and (origin == self.node_id or self._seen(origin, header.seq)):
+            self.duplicates += 1
+            return False, None
         lag, loose = model_lag(header.sender_vv, self.vv)
         self.staleness.record_lag(sender, lag, loose)
         if kind == "complete":
             self._neighbours_complete.add(sender)
             return False, None
         if kind == "fin":
-            if self._fin_deltas[origin] >= 0:
-                self.duplicates += 1
-                return False, None
             self._record_fin(origin, header.seq, header.steps)
             return False, self._relay(header)
-        # delta
-        if origin == self.node_id or self._seen(origin, header.seq):
-            self.duplicates += 1
-            return False, None
         staleness_steps = apply_staleness(self.vv, header.base_vv, origin)
         self.last_apply_staleness = staleness_steps
         self.staleness.record_apply(origin, sender, staleness_steps)
@@ -437,16 +460,27 @@ class NodeProtocol:
         }
 
     def summary(self) -> dict:
-        """Counters and staleness statistics of the whole run (JSON-ready)."""
-        return {
+        """Counters and staleness statistics of the whole run (JSON-ready).
+
+        Per-origin lists (``applied_deltas_per_origin``, ``version_vector``,
+        ``fin_*_per_origin``, ``origins``) only for runs of at most
+        :data:`PER_ORIGIN_DETAIL_MAX` nodes; ``fin_digest`` (see
+        :func:`counts_digest`) always.
+        """
+        detail = self.n_nodes <= PER_ORIGIN_DETAIL_MAX
+        out = {
             "steps": int(self.vv[self.node_id]),
             "deltas_sealed": self.deltas_sealed,
             "deltas_applied": int(self.applied_deltas.sum()),
-            "applied_deltas_per_origin": self.applied_deltas.tolist(),
-            "version_vector": self.vv.tolist(),
-            "fin_deltas_per_origin": [None if v < 0 else int(v) for v in self._fin_deltas],
-            "fin_steps_per_origin": [None if v < 0 else int(v) for v in self._fin_steps],
             "duplicates": self.duplicates,
             "complete": self.complete,
-            **self.staleness.summary(),
+            "fin_digest": counts_digest(self._fin_deltas, self._fin_steps),
         }
+        if detail:
+            out |= {
+                "applied_deltas_per_origin": self.applied_deltas.tolist(),
+                "version_vector": self.vv.tolist(),
+                "fin_deltas_per_origin": [None if v < 0 else int(v) for v in self._fin_deltas],
+                "fin_steps_per_origin": [None if v < 0 else int(v) for v in self._fin_steps],
+            }
+        return out | self.staleness.summary(per_origin=detail)

@@ -9,7 +9,9 @@ leave the exact measure open). Unit: local SGD steps.
 - Apply staleness of a delta from origin j applied at node i:
   ``sum_{k != j} max(0, V_i[k] - base[k])`` where ``base`` is the origin's vector
   when the delta's window opened (:func:`apply_staleness`).
-- Model lag of node i behind neighbour u, on receipt of any message from u:
+- Model lag of node i behind neighbour u, on receipt of a message from u that
+  brings something new (a delta or fin not seen before, or ``complete``;
+  duplicates are dropped before any work of size n):
   ``sum_k max(0, V_u[k] - V_i[k])``; the "loose" variant is
   ``sum_k |V_u[k] - V_i[k]|`` (:func:`model_lag`).
 
@@ -43,9 +45,12 @@ def apply_staleness(vv: np.ndarray, base_vv: np.ndarray, origin: int) -> int:
         Number of updates the receiver has that the model which computed the
         delta lacked (ALGORITHMS.md §2).
     """
-    ahead = vv - base_vv
-    np.maximum(ahead, 0, out=ahead)
-    return int(ahead.sum() - ahead[origin])
+    d = np.subtract(vv, base_vv)
+    # sum max(d, 0) = (sum |d| + sum d) / 2, in the vectors' own dtype (fast; the caller's
+    # dtype holds the run's total steps, see NodeProtocol's vv_dtype)
+    total = int(d.sum(dtype=d.dtype)) - int(d[origin])
+    loose = int(np.abs(d, out=d).sum(dtype=d.dtype)) - int(d[origin])
+    return (loose + total) // 2
 
 
 def model_lag(sender_vv: np.ndarray, vv: np.ndarray) -> tuple[int, int]:
@@ -63,9 +68,10 @@ def model_lag(sender_vv: np.ndarray, vv: np.ndarray) -> tuple[int, int]:
     loose_lag_steps : int
         ``sum_k |sender_vv[k] - vv[k]|`` (symmetric difference).
     """
-    diff = sender_vv - vv
-    ahead = int(diff[diff > 0].sum())
-    return ahead, int(np.abs(diff).sum())
+    d = np.subtract(sender_vv, vv)
+    total = int(d.sum(dtype=d.dtype))
+    loose = int(np.abs(d, out=d).sum(dtype=d.dtype))
+    return (loose + total) // 2, loose  # max(d, 0) = (|d| + d) / 2
 
 
 class RunningStat:
@@ -153,9 +159,9 @@ class StalenessTracker:
         self._interval_lag = RunningStat()
         return out
 
-    def summary(self) -> dict:
-        """Whole-run statistics: overall, per incoming edge and per origin (JSON-ready)."""
-        return {
+    def summary(self, *, per_origin: bool = True) -> dict:
+        """Whole-run statistics: overall, per incoming edge and (if ``per_origin``) per origin."""
+        out = {
             **self.staleness.as_dict("staleness"),
             **self.lag.as_dict("lag"),
             **self.loose_lag.as_dict("loose_lag"),
@@ -168,16 +174,19 @@ class StalenessTracker:
                 }
                 for u in sorted(self.edge_staleness)
             ],
-            "origins": [
-                {
-                    "origin": k,
-                    "staleness_avg_steps": int(total) / int(count) if count else None,
-                    "staleness_max_steps": int(mx) if count else None,
-                    "staleness_count": int(count),
-                }
-                for k, (count, total, mx) in enumerate(
-                    zip(self.origin_count, self.origin_total, self.origin_max, strict=True)
-                )
-                if k != self.node_id
-            ],
         }
+        if not per_origin:
+            return out
+        out["origins"] = [
+            {
+                "origin": k,
+                "staleness_avg_steps": int(total) / int(count) if count else None,
+                "staleness_max_steps": int(mx) if count else None,
+                "staleness_count": int(count),
+            }
+            for k, (count, total, mx) in enumerate(
+                zip(self.origin_count, self.origin_total, self.origin_max, strict=True)
+            )
+            if k != self.node_id
+        ]
+        return out

@@ -52,6 +52,8 @@ MAX_MALFORMED_LOGGED = 20
 IDLE_CHECK_S = 0.5
 #: Longest single poll while waiting, in seconds (signals and deadlines are checked in between).
 POLL_CAP_S = 0.01
+#: Poll while backpressure or the lead bound holds a node (the transport frees up without a message).
+SHORT_POLL_S = 0.001
 
 
 class _Terminated(Exception):
@@ -78,9 +80,12 @@ class BufferPool:
         self.n_params = n_params
         self.dtype = dtype
         self._in_flight: list[tuple[np.ndarray, zmq.MessageTracker]] = []
+        self._free: list[np.ndarray] = []  # small arrays whose bytes were copied out
 
     def take(self) -> np.ndarray:
         """A buffer ZeroMQ no longer uses (or a new one); its contents are undefined."""
+        if self._free:
+            return self._free.pop()
         for k, (buf, tracker) in enumerate(self._in_flight):
             if tracker.done:
                 del self._in_flight[k]
@@ -98,6 +103,8 @@ class BufferPool:
             pool until ZeroMQ releases it.
         """
         if array.nbytes < ZERO_COPY_BYTES:
+            if array.size == self.n_params and len(self._free) < 4:
+                self._free.append(array)  # copied out: free again at once
             return array.tobytes()
         frame = zmq.Frame(array, track=True)
         self._in_flight.append((array, frame.tracker))
@@ -248,7 +255,9 @@ class Driver:
         tc = self.config.transport
         transport.flush()
         transport.check_stalled(tc.send_timeout_s)
-        if self._receive_all(timeout_s=transport.wait_cap_s(POLL_CAP_S)):
+        # backpressure and the lead bound resume as soon as possible: short polls
+        cap_s = SHORT_POLL_S if why in (WAIT_BACKLOG, WAIT_LEAD) else POLL_CAP_S
+        if self._receive_all(timeout_s=transport.wait_cap_s(cap_s)):
             return True
         waited_s = time.monotonic() - since
         if why == WAIT_BACKLOG or why == WAIT_DRAIN:

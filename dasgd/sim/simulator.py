@@ -53,6 +53,7 @@ from ..core.node import DasgdNode
 from ..core.protocol import adjacency_sets
 from ..core.ps import PSServer
 from ..errors import ConfigError, DasgdError, WireError
+from ..ml.data import local_steps
 from ..topology import neighbours as topology_neighbours
 
 __all__ = ["SimCosts", "SimulationStalled", "estimate_memory_bytes", "simulate"]
@@ -239,6 +240,9 @@ class Simulation:
         self.byte_time_s = 8.0 / bw if bw else 0.0
         self.message_bytes = config.sim.message_bytes
         X_test = dataset.X_test.astype(dtype, copy=False)
+        # int32 counters halve the n^2 bookkeeping while they hold the run's total steps
+        total_steps = sum(local_steps(config.train, len(idx)) for idx in context["shards"])
+        vv_dtype = np.int32 if total_steps < 2**31 - 1 else np.int64
         self.nodes: list[_Node] = []
         self.neighbours: list[list[int]] = []
         for i in range(self.n_procs):
@@ -263,7 +267,7 @@ class Simulation:
                 neighbours=nbrs,
                 adjacency=adjacency,
                 slowdown_factor=factor,
-                vv_dtype=np.int32,
+                vv_dtype=vv_dtype,
                 model=self.model,
             )
             node = _Node(i, machine)
@@ -323,20 +327,26 @@ class Simulation:
     # -- one node ------------------------------------------------------------------
     def _poke(self, node: _Node, t: float) -> None:
         """Give node's host whatever is due at time ``t`` (it is free)."""
-        machine = self.machine_of(node)
+        machine = node.machine
         costs = self.costs
-        if node.inbox:
-            header, payload, size = node.inbox.popleft()
-            cost = costs.message_s + costs.vv_entry_s * 2 * header.sender_vv.size
-            if payload is not None:
-                cost += costs.byte_s * payload.nbytes
-            try:
-                outs = machine.on_message(header, payload)
-            except WireError:  # as the runtime: counted and dropped (never expected here)
-                self.malformed += 1
-                outs = ()
-            if outs:
-                cost += self._dispatch(node, outs, t + cost)
+        inbox = node.inbox
+        if inbox:
+            # everything that has arrived, back to back (as the runtime's receive-all); what
+            # arrives meanwhile joins the inbox before the host is free again
+            cost = 0.0
+            message_s, byte_s, vv_s = costs.message_s, costs.byte_s, costs.vv_entry_s
+            while inbox:
+                header, payload, size = inbox.popleft()
+                cost += message_s + vv_s * (header.sender_vv.size + header.base_vv.size)
+                if payload is not None:
+                    cost += byte_s * payload.nbytes
+                try:
+                    outs = machine.on_message(header, payload)
+                except WireError:  # as the runtime: counted and dropped (never expected here)
+                    self.malformed += 1
+                    outs = ()
+                if outs:
+                    cost += self._dispatch(node, outs, t + cost)
             if node.wait in WAITS:
                 node.woken = True  # a message arrived: the machine decides again
             self._busy(node, t, cost)
@@ -381,10 +391,6 @@ class Simulation:
         node.busy_until = t + cost
         self._record(node, node.busy_until)
         self._wake_at(node, node.busy_until)
-
-    @staticmethod
-    def machine_of(node: _Node):
-        return node.machine
 
     @staticmethod
     def _gradients(machine) -> int:
