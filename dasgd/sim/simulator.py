@@ -88,6 +88,10 @@ class SimCosts:
     vv_entry_s : float
         Per version-vector entry of a DASGD message handled (lag and
         staleness sums, decode of the two vectors).
+    start_spread_s : float
+        Nodes start at times drawn uniformly from [0, start_spread_s), as
+        processes do (within about a millisecond): with identical modelled
+        costs, a common start would keep every node in exact lockstep.
     """
 
     step_s: float = 25e-6
@@ -97,6 +101,7 @@ class SimCosts:
     byte_s: float = 0.25e-9
     send_s: float = 12e-6
     vv_entry_s: float = 4e-9
+    start_spread_s: float = 1e-3
 
 
 class _Node:
@@ -120,7 +125,8 @@ class _Node:
         "bytes_out",
         "scheduled",
         "grad_cost_s",
-        "last_size",
+        "uplink_queue",
+        "uplink_bytes",
     )
 
     def __init__(self, node_id: int, machine) -> None:
@@ -138,7 +144,15 @@ class _Node:
         self.msgs_in = self.msgs_out = self.bytes_in = self.bytes_out = 0
         self.scheduled = -1.0  # time of the pending wake-up event, if any
         self.grad_cost_s = 0.0
-        self.last_size = 1
+        self.uplink_queue: deque = deque()  # (time its last byte leaves, size) per queued message
+        self.uplink_bytes = 0
+
+    def uplink_backlog(self, t: float) -> tuple[int, int]:
+        """Messages and bytes not yet on the wire at time ``t`` (backpressure)."""
+        queue = self.uplink_queue
+        while queue and queue[0][0] <= t:
+            self.uplink_bytes -= queue.popleft()[1]
+        return len(queue), self.uplink_bytes
 
     def counters(self) -> dict:
         return {
@@ -286,6 +300,7 @@ class Simulation:
         self.events = 0
         self.messages = 0
         self.malformed = 0
+        self.truncated = False
 
     # -- event queue ---------------------------------------------------------------
     def _push(self, t: float, kind: int, node: int, data=None) -> None:
@@ -312,11 +327,13 @@ class Simulation:
             if payload is not None:
                 size += self.message_bytes or payload.nbytes
             message = (header, payload, size)
-            node.last_size = size
             for to in out.to:
                 cost += self.costs.send_s
                 start = max(t + cost, node.uplink_free)
                 node.uplink_free = start + size * self.byte_time_s
+                if self.byte_time_s:
+                    node.uplink_queue.append((node.uplink_free, size))
+                    node.uplink_bytes += size
                 arrive = node.uplink_free + self.latency_s.get((node.id, to), 0.0)
                 node.msgs_out += 1
                 node.bytes_out += size
@@ -358,21 +375,16 @@ class Simulation:
             self._wake_at(node, wait)
             return
         if wait in WAITS and not node.woken:
-            if wait is WAIT_BACKLOG:  # resume once the uplink holds no more than the bound
-                keep_s = machine.max_backlog_msgs * node.last_size * self.byte_time_s
-                self._wake_at(node, max(t, node.uplink_free - keep_s))
+            if wait is WAIT_BACKLOG:  # decide again when the next queued message has left
+                node.uplink_backlog(t)
+                queue = node.uplink_queue
+                self._wake_at(node, queue[0][0] if queue else t)
                 node.woken = True
             return
         before = self._gradients(machine)
-        # the uplink's queue, in bytes and messages not yet on the wire (backpressure)
-        queued_bytes = 0
-        if self.byte_time_s and node.uplink_free > t:
-            queued_bytes = int((node.uplink_free - t) / self.byte_time_s)
+        backlog_msgs, backlog_bytes = node.uplink_backlog(t)
         sends, wait = machine.advance(
-            t,
-            work_s=node.work_s,
-            backlog_msgs=-(-queued_bytes // node.last_size),
-            backlog_bytes=queued_bytes,
+            t, work_s=node.work_s, backlog_msgs=backlog_msgs, backlog_bytes=backlog_bytes
         )
         node.work_s = 0.0
         cost = costs.step_s if self._gradients(machine) != before or sends else 1e-9
@@ -416,8 +428,14 @@ class Simulation:
             node.evaluator.maybe_log(node.log, t, m.progress_step, params)
 
     # -- the run -------------------------------------------------------------------
-    def run(self) -> float:
+    def run(self, *, max_real_s: float | None = None) -> float:
         """Simulate until every node is done; returns the virtual duration in seconds.
+
+        Parameters
+        ----------
+        max_real_s : float, optional
+            Stop after this many real seconds, unfinished (``truncated`` is
+            then True): for throughput measurements of runs too long to finish.
 
         Raises
         ------
@@ -439,12 +457,17 @@ class Simulation:
             if node.evaluator is not None:
                 params = m.x if isinstance(m, PSServer) else m.params
                 node.evaluator.maybe_log(node.log, 0.0, 0, params, force=True)
-            self._wake_at(node, 0.0)
+            # each node's own generator, from the run seed and its id
+            rng = np.random.default_rng([self.config.train.seed, node.id, 0x73696D])
+            self._wake_at(node, float(rng.uniform(0.0, self.costs.start_spread_s)))
         bar = self._progress_bar()
         heap = self._heap
         pop = heapq.heappop
         t = 0.0
         next_bar = 0
+        deadline = None if max_real_s is None else time.perf_counter() + max_real_s
+        self.truncated = False
+        next_refresh = 0.0
         while heap:
             t, _, kind, i, data = pop(heap)
             node = nodes[i]
@@ -458,14 +481,23 @@ class Simulation:
             if t < node.busy_until:
                 continue  # its wake-up at busy_until comes
             self._poke(node, t)
-            if bar is not None and self.events >= next_bar:
+            if self.events >= next_bar:
                 next_bar = self.events + 5000
+                now_real = time.perf_counter()
+                if deadline is not None and now_real > deadline:
+                    self.truncated = True
+                    break
+                if bar is None or now_real < next_refresh:
+                    continue
+                next_refresh = now_real + 0.5
                 bar.n = sum(
                     self._gradients(nd.machine) for nd in nodes if not is_server(self.config, nd.id)
                 )
                 bar.refresh()
         if bar is not None:
             bar.close()
+        if self.truncated:
+            return t
         stuck = [node.id for node in nodes if node.wait is not DONE]
         if stuck:
             raise SimulationStalled(
@@ -528,8 +560,9 @@ def simulate(
     run_dir : Path
     summary : dict
         The content of ``summary.json``; ``run.wall_s`` and ``train_s`` are
-        virtual seconds, ``run.simulated`` is True and ``run.sim_real_s`` the
-        real time the simulation took.
+        virtual seconds, ``run.simulated`` is True, ``run.sim_real_s`` the
+        real time the whole simulation took and ``run.sim_loop_s`` that of its
+        event loop alone.
 
     Raises
     ------
@@ -546,11 +579,14 @@ def simulate(
     _check_memory(config)
     config, run_dir, context = prepare_run(config, write_shards=False)
     sim = Simulation(config, run_dir, context, costs, progress)
+    t_loop = time.perf_counter()
     virtual_s = sim.run()
+    loop_s = time.perf_counter() - t_loop
     sim.write_results()
     summary = write_summary(config, run_dir, context, virtual_s)
     summary["run"]["simulated"] = True
     summary["run"]["sim_real_s"] = time.perf_counter() - t_real
+    summary["run"]["sim_loop_s"] = loop_s
     summary["run"]["sim_events"] = sim.events
     summary["run"]["sim_messages"] = sim.messages
     summary["sim"] = {"costs": costs.__dict__, **config.sim.__dict__}
