@@ -25,9 +25,9 @@ out, per second of virtual training (each simulated node has a host of its
 own). "step ms" is a non-straggler node's ``train_s / steps``: the compute time
 plus whatever the node adds per step. The "diagnostic" columns simulate
 again with ``--diag-compute-time`` (default: every compute time drawn uniformly
-within +-2.5 % of the constant, same mean, which breaks the simulator's
-lockstep; see benchmarks/README.md) and ``--diag-costs``; the verdict is the
-plain simulation's.
+within +-2.5 % of the constant, same mean; it broke the lockstep of the
+simulator before nodes started at different times, see benchmarks/README.md)
+and ``--diag-costs``; the verdict is the plain simulation's.
 
 ``--costs`` then measures, in this process, what a real node spends, with the
 real machines, drivers and ZeroMQ sockets (ipc) of ``dasgd run``: per gradient,
