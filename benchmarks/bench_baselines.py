@@ -48,7 +48,7 @@ from dasgd.config import (  # noqa: E402
     TopologyConfig,
     TrainConfig,
 )
-from dasgd.launch import run  # noqa: E402
+from dasgd.runtime.launch import run  # noqa: E402
 
 ALGORITHMS = ("dasgd", "ps-async", "ps-sync")
 

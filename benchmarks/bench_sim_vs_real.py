@@ -8,7 +8,7 @@ b (``send_every``) in {1, 4}, all nodes equal or node 1 a 4x straggler
 (``slowdown="1:4"``) -- the script builds one :class:`~dasgd.config.RunConfig`
 (digits, softmax, float64, batch 32, lr 0.05, ``--steps`` local steps per node,
 an emulated compute time of ``--compute-time`` per gradient, no evaluation
-during the run) and runs it with :func:`dasgd.launch.run` (one process per node
+during the run) and runs it with :func:`dasgd.runtime.launch.run` (one process per node
 on this machine) and with :func:`dasgd.sim.simulate` (default
 :class:`~dasgd.sim.simulator.SimCosts`, or ``--sim-costs``). It prints side by side S_avg, S_max,
 gradients/s, the average model's final test loss and the ratios sim/real, and
@@ -74,7 +74,7 @@ from dasgd.config import (  # noqa: E402
     TrainConfig,
     TransportConfig,
 )
-from dasgd.launch import run  # noqa: E402
+from dasgd.runtime.launch import run  # noqa: E402
 from dasgd.sim import simulate  # noqa: E402
 from dasgd.sim.simulator import SimCosts  # noqa: E402
 
@@ -359,7 +359,7 @@ def measure_costs(args, work: Path, n: int, count: int = 2000) -> dict:
     from dasgd.build import build_machine
     from dasgd.core import wire
     from dasgd.core.protocol import adjacency_sets
-    from dasgd.launch import prepare_run
+    from dasgd.rundir import prepare_run
     from dasgd.runtime.node import BufferPool, Driver, queue_limit_msgs
     from dasgd.runtime.transport import Transport
 

@@ -425,7 +425,7 @@ def first_below(evals: list[dict], target: float) -> float | None:
 def run_dasgd(problem: dict, args, n: int, algorithm: str, topology: str, out_dir: Path) -> dict:
     from dasgd.analysis.metrics import read_events
     from dasgd.config import ModelConfig, RunConfig, TopologyConfig, TrainConfig, TransportConfig
-    from dasgd.launch import run
+    from dasgd.runtime.launch import run
 
     config = RunConfig(
         n_nodes=n,

@@ -454,8 +454,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 def _cmd_run(args) -> int:
     from .analysis.metrics import format_summary
-    from .launch import run
     from .ml.models import MODELS
+    from .runtime.launch import run
 
     config = config_from_args(args)
     if config.model.name not in MODELS:

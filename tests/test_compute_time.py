@@ -1,7 +1,7 @@
 """Emulated compute time: a wait between reading the model and the update (DASGD node, PS worker, real runs).
 
 The state machines are driven by hand with a fake clock (``now`` handed in);
-the real runs go through :func:`dasgd.launch.run`.
+the real runs go through :func:`dasgd.runtime.launch.run`.
 """
 
 import statistics
@@ -26,10 +26,10 @@ from dasgd.core.emulation import SLEEP_QUANTUM_S, ComputeTime
 from dasgd.core.node import DasgdNode
 from dasgd.core.ps import PSWorker
 from dasgd.core.wire import Header
-from dasgd.launch import run
 from dasgd.ml.data import BatchSampler
 from dasgd.ml.models import build_model
 from dasgd.ml.optim import build_optimizer
+from dasgd.runtime.launch import run
 
 N_FEATURES, N_CLASSES, M, BATCH, LR = 5, 3, 40, 8, 0.1
 _NO_VV = np.zeros(0, np.int64)

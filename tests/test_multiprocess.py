@@ -23,9 +23,9 @@ from dasgd.config import (
     TransportConfig,
 )
 from dasgd.core import wire
-from dasgd.launch import run
 from dasgd.ml.data import BatchSampler
 from dasgd.ml.models import build_model
+from dasgd.runtime.launch import run
 
 from .conftest import wait_for
 
@@ -352,7 +352,7 @@ def test_lead_bound_makes_fast_nodes_wait_for_a_straggler(tmp_path):
 
 
 def test_stop_processes_reaps_the_whole_tree(tmp_path):
-    from dasgd.launch import stop_processes
+    from dasgd.runtime.launch import stop_processes
 
     # a child that starts a grandchild ignoring SIGTERM, then writes its pid and waits
     pid_file = tmp_path / "grandchild.pid"

@@ -10,9 +10,9 @@ from dasgd.analysis.metrics import read_events
 from dasgd.build import build_machine
 from dasgd.config import DataConfig, ModelConfig, RunConfig, TrainConfig, TransportConfig
 from dasgd.core.wire import Header
-from dasgd.launch import run
 from dasgd.ml.data import BatchSampler
 from dasgd.ml.models import build_model
+from dasgd.runtime.launch import run
 
 from .test_multiprocess import assert_gone, node_pids, start_command, wait_training
 

@@ -372,6 +372,8 @@ class ComputeTime:
         return float(value) * self.factor
 
 
+#: Slowest link a simulation takes, in bits per second (slower ones are typos, not links).
+MIN_BANDWIDTH_BPS = 1e3
 _BANDWIDTH_UNITS = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
 
 
@@ -397,9 +399,16 @@ def parse_bandwidth(spec: str) -> float | None:
             break
     unit = text[-1:] if text[-1:] in "kmgt" else ""
     number = text[: -len(unit)] if unit else text
-    value = _number(number, "bandwidth", spec, flag) * _BANDWIDTH_UNITS[unit]
-    if value <= 0:
+    try:
+        value = float(number) * _BANDWIDTH_UNITS[unit]
+    except ValueError:
         raise ConfigError(
-            f"bandwidth {spec!r} must be > 0 bits per second, e.g. 10G or 100Mbit ({flag})"
+            f"bandwidth {spec!r} is not a number of bits per second with an optional unit "
+            f"k, M, G or T, e.g. 10G, 100Mbit or 1e9 ({flag})"
+        ) from None
+    if not (math.isfinite(value) and value >= MIN_BANDWIDTH_BPS):
+        raise ConfigError(
+            f"bandwidth {spec!r} must be at least {MIN_BANDWIDTH_BPS:g} bits per second, "
+            f"e.g. 10G or 100Mbit ({flag})"
         )
     return value

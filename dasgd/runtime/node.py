@@ -24,7 +24,6 @@ import sys
 import time
 from pathlib import Path
 
-import msgpack
 import numpy as np
 import zmq
 
@@ -37,8 +36,10 @@ from ..core.node import DasgdNode
 from ..core.protocol import adjacency_sets
 from ..core.ps import PSServer
 from ..errors import DasgdError, TransportError, WireError
+from ..rundir import process_name
 from ..topology import neighbours as topology_neighbours
 from ..topology import parse_topology
+from . import control
 from .transport import Transport, inbox_address
 
 __all__ = ["BufferPool", "Driver", "node_main"]
@@ -419,35 +420,6 @@ def queue_limit_msgs(tc, message_bytes: int) -> int:
     return max(2, min(tc.hwm_msgs, tc.queue_bytes // message_bytes))
 
 
-def _control_send(sock: zmq.Socket, message: dict, *, droppable: bool = False) -> None:
-    """Send to the launcher; progress reports (``droppable``) are dropped rather than block."""
-    try:
-        sock.send(msgpack.packb(message, use_bin_type=True), flags=zmq.NOBLOCK if droppable else 0)
-    except zmq.Again:
-        pass
-
-
-def _control_recv(sock: zmq.Socket, timeout_s: float, *, parent_pid: int, should_stop) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if should_stop():
-            raise _Terminated
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TransportError(f"no start from the launcher within {timeout_s:.0f} s")
-        if sock.poll(min(200, int(remaining * 1000) + 1)):
-            message = msgpack.unpackb(sock.recv(), raw=False, strict_map_key=False)
-            if isinstance(message, dict):
-                return message
-        if os.getppid() != parent_pid:
-            raise TransportError("the launcher is gone")
-
-
-def log_name(config: RunConfig, node_id: int) -> str:
-    """File stem of a process's log and outputs: ``node-<i>``, or ``server`` for the parameter server."""
-    return "server" if is_server(config, node_id) else f"node-{node_id}"
-
-
 def _build(config: RunConfig, node_id: int, run_dir: Path, meta: dict):
     """The machine this process drives, its neighbours and its evaluator."""
     data = run_dir / "data"
@@ -510,10 +482,10 @@ def node_main(run_dir: str, node_id: int, control_address: str) -> int:
     parent_pid = os.getppid()
     config = run_config_from_dict(json.loads((run_dir / "config.json").read_text()))
     ctx = zmq.Context()
-    control = ctx.socket(zmq.DEALER)
-    control.setsockopt(zmq.LINGER, 2000)
-    control.setsockopt(zmq.SNDTIMEO, 5000)  # no send to the launcher waits forever
-    control.connect(control_address)
+    control_sock = ctx.socket(zmq.DEALER)
+    control_sock.setsockopt(zmq.LINGER, 2000)
+    control_sock.setsockopt(zmq.SNDTIMEO, 5000)  # no send to the launcher waits forever
+    control_sock.connect(control_address)
     driver = None
     transport = None
 
@@ -545,17 +517,15 @@ def node_main(run_dir: str, node_id: int, control_address: str) -> int:
             max_message_bytes=message_bytes + wire.MAX_HEADER_BYTES + 4096,
         )
         address = transport.start()
-        _control_send(
-            control, {"kind": "ready", "node": node_id, "address": address, "pid": os.getpid()}
+        control.send(
+            control_sock, {"kind": "ready", "node": node_id, "address": address, "pid": os.getpid()}
         )
-        start = _control_recv(
-            control, tc.ready_timeout_s * 2, parent_pid=parent_pid, should_stop=lambda: False
-        )
+        start = control.recv(control_sock, tc.ready_timeout_s * 2, parent_pid=parent_pid)
         if start.get("kind") != "start":
             raise TransportError(f"expected start from the launcher, got {start.get('kind')!r}")
         addresses = {int(k): v for k, v in start["addresses"].items()}
         transport.connect({u: addresses[u] for u in neighbours})
-        name = log_name(config, node_id)
+        name = process_name(config, node_id)
         t0 = time.monotonic()
         with EventLog(
             run_dir / f"{name}.jsonl", node_id, flush_interval_s=config.log_interval_s, t0=t0
@@ -574,12 +544,12 @@ def node_main(run_dir: str, node_id: int, control_address: str) -> int:
             def progress(record):
                 if os.getppid() != parent_pid:
                     raise TransportError("the launcher is gone")
-                _control_send(control, {"kind": "progress", **record}, droppable=True)
+                control.send(control_sock, {"kind": "progress", **record}, droppable=True)
 
             driver.on_progress = progress
             driver.run()
             driver.write_results(run_dir, name)
-        _control_send(control, {"kind": "done", "node": node_id})
+        control.send(control_sock, {"kind": "done", "node": node_id})
         return 0
     except _Terminated:
         print(f"node {node_id}: terminated", file=sys.stderr)
@@ -588,12 +558,12 @@ def node_main(run_dir: str, node_id: int, control_address: str) -> int:
         message = str(exc) if str(exc).startswith(f"node {node_id}") else f"node {node_id}: {exc}"
         print(message, file=sys.stderr)
         try:
-            _control_send(control, {"kind": "error", "node": node_id, "message": str(exc)})
+            control.send(control_sock, {"kind": "error", "node": node_id, "message": str(exc)})
         except zmq.ZMQError:
             pass
         return 1
     finally:
         if transport is not None:
             transport.close(linger_s=1.0)
-        control.close(linger=1000)
+        control_sock.close(linger=1000)
         ctx.term()

@@ -54,6 +54,7 @@ from ..core.protocol import adjacency_sets
 from ..core.ps import PSServer
 from ..errors import ConfigError, DasgdError, WireError
 from ..ml.data import local_steps
+from ..rundir import process_name
 from ..topology import neighbours as topology_neighbours
 
 __all__ = ["SimCosts", "SimulationStalled", "estimate_memory_bytes", "simulate"]
@@ -70,6 +71,10 @@ class SimulationStalled(DasgdError):
 @dataclass(frozen=True)
 class SimCosts:
     """Modelled host time of a node, in seconds (defaults measured on the 2-core dev machine).
+
+    Defaults from ``benchmarks/bench_sim_vs_real.py --costs`` (a real node's
+    pieces timed with the runtime's own machines, drivers and ipc sockets,
+    2026-11-30, quiet machine).
 
     Attributes
     ----------
@@ -88,6 +93,10 @@ class SimCosts:
     vv_entry_s : float
         Per version-vector entry of a DASGD message handled (lag and
         staleness sums, decode of the two vectors).
+    wake_s : float
+        A node that was idle (waiting for a message or the end of its compute
+        time) starts work this much later: the runtime's poll returns ~70-100 us
+        late (measured by ``benchmarks/bench_sim_vs_real.py --costs``).
     start_spread_s : float
         Nodes start at times drawn uniformly from [0, start_spread_s), as
         processes do (within about a millisecond): with identical modelled
@@ -95,12 +104,13 @@ class SimCosts:
     """
 
     step_s: float = 25e-6
-    gradient_fixed_s: float = 15e-6
-    gradient_s_per_unit: float = 0.1e-9
+    gradient_fixed_s: float = 30e-6
+    gradient_s_per_unit: float = 0.3e-9
     message_s: float = 40e-6
     byte_s: float = 0.25e-9
-    send_s: float = 12e-6
+    send_s: float = 16e-6
     vv_entry_s: float = 4e-9
+    wake_s: float = 80e-6
     start_spread_s: float = 1e-3
 
 
@@ -215,10 +225,10 @@ class Simulation:
     Parameters
     ----------
     config : RunConfig
-        Resolved (``n_nodes`` set), as :func:`dasgd.launch.prepare_run` returns it.
+        Resolved (``n_nodes`` set), as :func:`dasgd.runtime.launch.prepare_run` returns it.
     run_dir : Path
     context : dict
-        From :func:`~dasgd.launch.prepare_run` (graph, dataset, shards, meta).
+        From :func:`~dasgd.runtime.launch.prepare_run` (graph, dataset, shards, meta).
     costs : SimCosts
     progress : bool
         Show a progress bar (virtual steps done) on stderr.
@@ -288,7 +298,7 @@ class Simulation:
             node.grad_cost_s = costs.gradient_fixed_s + costs.gradient_s_per_unit * (
                 config.train.batch_size * machine.n_params
             )
-            name = "server" if is_server(config, i) else f"node-{i}"
+            name = process_name(config, i)
             node.log = _SimLog(run_dir / f"{name}.jsonl", i, flush_interval_s=float("inf"), t0=0.0)
             wants_eval = not ps or is_server(config, i)
             if config.eval_interval_s is not None and wants_eval:
@@ -347,10 +357,12 @@ class Simulation:
         machine = node.machine
         costs = self.costs
         inbox = node.inbox
+        # a host that sat idle wakes up late (the runtime's poll and sleep overshoot)
+        wake_s = costs.wake_s if t > node.busy_until else 0.0
         if inbox:
             # everything that has arrived, back to back (as the runtime's receive-all); what
             # arrives meanwhile joins the inbox before the host is free again
-            cost = 0.0
+            cost = wake_s
             message_s, byte_s, vv_s = costs.message_s, costs.byte_s, costs.vv_entry_s
             while inbox:
                 header, payload, size = inbox.popleft()
@@ -387,7 +399,7 @@ class Simulation:
             t, work_s=node.work_s, backlog_msgs=backlog_msgs, backlog_bytes=backlog_bytes
         )
         node.work_s = 0.0
-        cost = costs.step_s if self._gradients(machine) != before or sends else 1e-9
+        cost = wake_s + (costs.step_s if self._gradients(machine) != before or sends else 1e-9)
         if self._gradients(machine) != before:
             cost += node.grad_cost_s
         if sends:
@@ -518,7 +530,7 @@ class Simulation:
         for node in self.nodes:
             m = node.machine
             t = node.busy_until
-            name = "server" if is_server(self.config, node.id) else f"node-{node.id}"
+            name = process_name(self.config, node.id)
             if isinstance(m, PSServer):
                 np.save(self.run_dir / "server.npy", m.x)
             elif isinstance(m, DasgdNode):
@@ -548,7 +560,7 @@ def simulate(
     Parameters
     ----------
     config : RunConfig
-        As for :func:`dasgd.launch.run`; ``config.sim`` sets bandwidth and
+        As for :func:`dasgd.runtime.launch.run`; ``config.sim`` sets bandwidth and
         nominal message size.
     costs : SimCosts, optional
         Modelled host costs; default :class:`SimCosts`.
@@ -572,7 +584,7 @@ def simulate(
     SimulationStalled
         If the simulation ends with a node that never finished.
     """
-    from ..launch import prepare_run, write_summary
+    from ..rundir import prepare_run, write_summary
 
     t_real = time.perf_counter()
     costs = costs or SimCosts()

@@ -12,19 +12,8 @@ all, one shared deadline, then SIGKILL (as ``torch.distributed.elastic``
 does), and raises :class:`~dasgd.errors.NodeFailed` naming the node, its exit
 code, its last words and its log.
 
-Run directory (``OUT_DIR/RUN_ID/``)::
-
-    config.json            resolved RunConfig (n_nodes filled in)
-    topology.json          the graph, node-link JSON
-    x0.npy                 the common initial model
-    data/meta.json         dataset, classes, shard sizes and class histograms
-    data/shard-<i>-X.npy   node i's training shard (features, labels: -y.npy)
-    data/test-X.npy        the test split (labels: test-y.npy)
-    node-<i>.jsonl         node i's event log
-    node-<i>.stderr        node i's stderr (tracebacks of crashes land here)
-    node-<i>.npy           node i's final model
-    node-<i>.delta_sum.npy the sum of node i's own sealed deltas
-    summary.json           the evaluated summary (see README.md)
+The run directory is prepared by :func:`dasgd.rundir.prepare_run` (its layout is
+documented there) and summarized by :func:`dasgd.rundir.write_summary`.
 """
 
 from __future__ import annotations
@@ -33,185 +22,27 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
-from datetime import datetime
 from pathlib import Path
 
-import msgpack
-import networkx as nx
 import numpy as np
 import psutil
 import zmq
 
-from .analysis.metrics import build_ps_summary, build_summary
-from .config import RunConfig
-from .errors import ConfigError, NodeFailed
-from .ml.data import local_steps
-from .runtime.node import log_name
+from ..config import RunConfig
+from ..errors import NodeFailed
+from ..ml.data import local_steps
+from ..rundir import prepare_run, process_name, write_summary
+from . import control as control_messages
 
-__all__ = ["prepare_run", "run", "stop_processes", "write_summary"]
+__all__ = ["run", "stop_processes"]
 
 #: How long stopped nodes get between SIGTERM and SIGKILL.
 TERMINATE_TIMEOUT_S = 5.0
-_PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
-
-
-def _check_ports_free(host: str, ports: list[int]) -> None:
-    for node, port in enumerate(ports):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            # as ZeroMQ does: a port in TIME-WAIT from an earlier run is free to bind
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind((host, port))
-            except OSError as exc:
-                raise ConfigError(
-                    f"port {port} (node {node}) on {host} is not available ({exc.strerror}): "
-                    f"choose another --base-port, or 0 for any free ports"
-                ) from None
-
-
-def prepare_run(config: RunConfig, *, write_shards: bool = True) -> tuple[RunConfig, Path, dict]:
-    """Resolve the topology and data, validate, and write the run directory.
-
-    Parameters
-    ----------
-    config : RunConfig
-        As given by the user; ``n_nodes`` may be None for a topology file.
-    write_shards : bool
-        Write every node's shard and the test split under ``data/`` (node
-        processes read them; the simulator keeps them in memory).
-
-    Returns
-    -------
-    config : RunConfig
-        With ``n_nodes`` and ``run_id`` filled in.
-    run_dir : Path
-    context : dict
-        ``graph``, ``dataset``, ``shards`` (index arrays), ``model``, ``x0``
-        and ``meta`` (the content of ``data/meta.json``).
-
-    Raises
-    ------
-    ConfigError
-        (or its subclasses TopologyError, DataError) on any bad value, before
-        anything is spawned; nothing is written then.
-    """
-    from .core.emulation import resolve_latency, resolve_slowdown
-    from .ml.data import class_histogram, load_dataset, shard_by_label, shard_iid
-    from .ml.models import build_model
-    from .topology import describe_topology, parse_topology, save_topology
-
-    ps = config.algorithm != "dasgd"
-    if ps:  # workers 0..n-1 around the server n; --topology does not apply
-        n = config.n_nodes if config.n_nodes is not None else 4
-        graph = nx.relabel_nodes(parse_topology("star", n + 1), {0: n, n: 0})
-    else:
-        graph = parse_topology(config.topology.spec, config.n_nodes, seed=config.topology.seed)
-        n = graph.number_of_nodes()
-    dc = config.data
-    dataset = load_dataset(
-        dc.dataset,
-        test_fraction=dc.test_fraction,
-        seed=config.train.seed,
-        standardize=dc.standardize,
-    )
-    if n > dataset.n_train:
-        raise ConfigError(
-            f"{n} nodes but only {dataset.n_train} training samples in {dataset.name}: use fewer nodes (-n)"
-        )
-    if dc.sharding == "iid":
-        shards = shard_iid(dataset.n_train, n, seed=config.train.seed)
-    else:
-        shards = shard_by_label(dataset.y_train, n, dc.dirichlet_alpha, seed=config.train.seed)
-    mc = config.model
-    model = build_model(
-        mc.name,
-        dataset.n_features,
-        dataset.n_classes,
-        hidden=mc.hidden,
-        activation=mc.activation,
-        l2=mc.l2,
-    )
-    tc = config.transport
-    if tc.kind == "tcp" and tc.base_port:
-        if tc.base_port + n + ps - 1 > 65535:
-            raise ConfigError(f"base port {tc.base_port} + {n} nodes exceeds 65535 (--base-port)")
-        _check_ports_free(tc.host, [tc.base_port + i for i in range(n + ps)])
-
-    run_id = config.run_id or (
-        f"{datetime.now():%Y%m%d-%H%M%S}-{config.algorithm}-n{n}-{uuid.uuid4().hex[:4]}"
-    )
-    # everything that can be a user mistake is checked before anything is written
-    emulation = {
-        "slowdown": config.emulation.slowdown,
-        "slowdown_factors": resolve_slowdown(config.emulation.slowdown, n),
-        "latency": config.emulation.latency,
-        "compute_time": config.emulation.compute_time,
-        "latency_s": {
-            f"{u}-{v}": d
-            for (u, v), d in sorted(resolve_latency(config.emulation.latency, graph.edges).items())
-        },
-    }
-    try:
-        x0 = model.init_params(seed=config.train.seed, dtype=np.dtype(mc.dtype))
-    except MemoryError:
-        raise ConfigError(
-            f"model {mc.name} with hidden {list(mc.hidden)} has {model.n_params} parameters: "
-            "too large for this machine's memory (--hidden)"
-        ) from None
-    run_dir = Path(config.out_dir) / run_id
-    if run_dir.exists():
-        raise ConfigError(f"run directory {run_dir} already exists: choose another --run-id")
-    config = config.replace(n_nodes=n, run_id=run_id)
-    try:
-        (run_dir / "data").mkdir(parents=True)
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot create the run directory {run_dir}: {exc.strerror} (--out-dir)"
-        ) from None
-    (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    save_topology(graph, run_dir / "topology.json")
-    np.save(run_dir / "x0.npy", x0)
-    if write_shards:
-        for i, idx in enumerate(shards):
-            np.save(run_dir / "data" / f"shard-{i}-X.npy", dataset.X_train[idx])
-            np.save(run_dir / "data" / f"shard-{i}-y.npy", dataset.y_train[idx])
-        np.save(run_dir / "data" / "test-X.npy", dataset.X_test)
-        np.save(run_dir / "data" / "test-y.npy", dataset.y_test)
-    meta = {
-        "dataset": dataset.name,
-        "n_features": dataset.n_features,
-        "n_classes": dataset.n_classes,
-        "class_labels": list(dataset.class_labels),
-        "n_train": dataset.n_train,
-        "n_test": dataset.n_test,
-        "sharding": dc.sharding,
-        "shard_sizes": [len(s) for s in shards],
-        "shard_class_histograms": [
-            class_histogram(dataset.y_train[s], dataset.n_classes) for s in shards
-        ],
-        "model": model.describe(),
-        "topology": {"parameter_server": n, "n_workers": n} if ps else describe_topology(graph),
-        "emulation": emulation,
-    }
-    (run_dir / "data" / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return (
-        config,
-        run_dir,
-        {
-            "graph": graph,
-            "dataset": dataset,
-            "shards": shards,
-            "model": model,
-            "x0": x0,
-            "meta": meta,
-        },
-    )
+_PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent.parent)
 
 
 def stop_processes(
@@ -365,7 +196,7 @@ def run(config: RunConfig, *, progress: bool = True) -> tuple[Path, dict]:
     config, run_dir, context = prepare_run(config)
     n = config.n_nodes
     n_procs = n + (config.algorithm != "dasgd")  # the parameter server is process n
-    names = [log_name(config, i) for i in range(n_procs)]
+    names = [process_name(config, i) for i in range(n_procs)]
     tc = config.transport
     ipc_dir = tempfile.mkdtemp(prefix="dasgd-")
     meta_path = run_dir / "data" / "meta.json"
@@ -449,11 +280,8 @@ def run(config: RunConfig, *, progress: bool = True) -> tuple[Path, dict]:
                         break
                     except ValueError:
                         continue
-                    try:
-                        message = msgpack.unpackb(raw, raw=False, strict_map_key=False)
-                    except Exception:
-                        continue
-                    if isinstance(message, dict) and isinstance(message.get("node"), int):
+                    message = control_messages.unpack(raw)
+                    if message is not None and isinstance(message.get("node"), int):
                         if message.get("kind") == "error":
                             errors[message["node"]] = str(message.get("message"))
                         on_message(identity, message)
@@ -475,9 +303,8 @@ def run(config: RunConfig, *, progress: bool = True) -> tuple[Path, dict]:
                 raise NodeFailed(
                     f"node(s) {missing} not ready within {tc.ready_timeout_s:.0f} s (--ready-timeout-s); stderr in {run_dir}"
                 )
-        start = msgpack.packb(
-            {"kind": "start", "addresses": {str(k): v for k, v in addresses.items()}},
-            use_bin_type=True,
+        start = control_messages.pack(
+            {"kind": "start", "addresses": {str(k): v for k, v in addresses.items()}}
         )
         for i in range(n_procs):
             control.send_multipart([identities[i], start])
@@ -504,54 +331,3 @@ def run(config: RunConfig, *, progress: bool = True) -> tuple[Path, dict]:
         shutil.rmtree(ipc_dir, ignore_errors=True)
 
     return run_dir, write_summary(config, run_dir, context, wall_s)
-
-
-def write_summary(config: RunConfig, run_dir: Path, context: dict, wall_s: float) -> dict:
-    """Evaluate a finished run directory and write ``summary.json`` (real or simulated run).
-
-    Parameters
-    ----------
-    config : RunConfig
-        The resolved configuration.
-    run_dir : Path
-    context : dict
-        As :func:`prepare_run` returns it.
-    wall_s : float
-        Duration of the run in seconds (virtual seconds for a simulation).
-
-    Returns
-    -------
-    dict
-        The content of ``summary.json``.
-    """
-    meta = context["meta"]
-    dataset = context["dataset"]
-    summarize = build_summary if config.algorithm == "dasgd" else build_ps_summary
-    summary = summarize(
-        run_dir,
-        model=context["model"],
-        X_test=dataset.X_test,
-        y_test=dataset.y_test,
-        n_classes=dataset.n_classes,
-        x0=context["x0"],
-        wall_s=wall_s,
-    )
-    summary["run"]["algorithm"] = config.algorithm
-    summary["config"] = config.to_dict()
-    summary["dataset"] = {
-        k: meta[k]
-        for k in (
-            "dataset",
-            "n_features",
-            "n_classes",
-            "n_train",
-            "n_test",
-            "sharding",
-            "shard_sizes",
-        )
-    }
-    summary["topology"] = meta["topology"]
-    summary["model"] = meta["model"]
-    summary["emulation"] = meta["emulation"]
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary

@@ -1,0 +1,78 @@
+"""The control channel between ``dasgd run`` and its node processes: bootstrap and progress only.
+
+Never training traffic. The launcher binds one ROUTER socket; each node
+process connects a DEALER. Every message is one msgpack map (never pickled):
+
+============  =========================  ==============================================
+kind          direction                  fields
+============  =========================  ==============================================
+``ready``     node -> launcher           ``node``, ``address`` (its bound inbox), ``pid``
+``start``     launcher -> node           ``addresses`` (node id as str -> inbox address)
+``progress``  node -> launcher           ``node`` and the fields of an ``interval`` record
+``done``      node -> launcher           ``node``
+``error``     node -> launcher           ``node``, ``message`` (one line)
+============  =========================  ==============================================
+
+A node's progress reports are dropped rather than block it; every other wait
+has a deadline.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import msgpack
+import zmq
+
+from ..errors import TransportError
+
+__all__ = ["KINDS", "pack", "recv", "send", "unpack"]
+
+KINDS = ("ready", "start", "progress", "done", "error")
+
+
+def pack(message: dict) -> bytes:
+    """A control message as bytes."""
+    return msgpack.packb(message, use_bin_type=True)
+
+
+def unpack(raw: bytes) -> dict | None:
+    """A control message, or None if ``raw`` is not a msgpack map with a known ``kind``."""
+    try:
+        message = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+    except Exception:  # msgpack raises several types on garbage: all mean "not a message"
+        return None
+    if not isinstance(message, dict) or message.get("kind") not in KINDS:
+        return None
+    return message
+
+
+def send(sock: zmq.Socket, message: dict, *, droppable: bool = False) -> None:
+    """Send to the launcher; ``droppable`` messages (progress) are dropped rather than block."""
+    try:
+        sock.send(pack(message), flags=zmq.NOBLOCK if droppable else 0)
+    except zmq.Again:
+        pass
+
+
+def recv(sock: zmq.Socket, timeout_s: float, *, parent_pid: int) -> dict:
+    """The next control message from the launcher.
+
+    Raises
+    ------
+    TransportError
+        If none arrives within ``timeout_s`` seconds, or the launcher (the
+        process ``parent_pid``) is gone.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TransportError(f"no start from the launcher within {timeout_s:.0f} s")
+        if sock.poll(min(200, int(remaining * 1000) + 1)):
+            message = unpack(sock.recv())
+            if message is not None:
+                return message
+        if os.getppid() != parent_pid:
+            raise TransportError("the launcher is gone")
