@@ -113,6 +113,15 @@ def scale_case(
     }
 
 
+#: Address-space limit of each case's process: a case that needs more fails alone
+#: (MemoryError) instead of pushing the machine (24 GiB) into swap or the OOM killer.
+CHILD_MEMORY_BYTES = 16 << 30
+
+
+def _limit_memory() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (CHILD_MEMORY_BYTES, CHILD_MEMORY_BYTES))
+
+
 def run_child(args: list[str], timeout_s: float) -> dict | None:
     try:
         out = subprocess.run(
@@ -121,6 +130,7 @@ def run_child(args: list[str], timeout_s: float) -> dict | None:
             text=True,
             timeout=timeout_s,
             check=False,
+            preexec_fn=_limit_memory,
         )
     except subprocess.TimeoutExpired:
         print(f"  case {args} exceeded {timeout_s:.0f} s: skipped", flush=True)

@@ -313,3 +313,14 @@ def test_simulate_rejects_bad_input_in_one_line(tmp_path, capsys, args, named):
     assert args[0] in lines[0]  # the flag that sets it
     assert "Traceback" not in err and out == ""
     assert not out_dir.exists()  # nothing was written
+
+
+def test_a_simulation_too_large_for_memory_is_refused_with_its_size(tmp_path, capsys):
+    from dasgd.cli import main
+
+    # 36 n^2 bytes of version-vector bookkeeping: 3.6 PB at n = 10 million, more than any machine
+    code = main(["simulate", "-n", "10000000", "--out-dir", str(tmp_path / "runs"), "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "10000000 DASGD nodes needs about 3352761.4 GiB" in err[0] and "(-n)" in err[0]
+    assert not (tmp_path / "runs").exists()  # refused before anything was written
