@@ -46,6 +46,7 @@ def build_machine(
     slowdown_factor: float = 1.0,
     new_buffer=None,
     vv_dtype=np.int64,
+    lag_every: int = 1,
     model=None,
 ):
     """The core state machine of ``node_id`` in a run of ``config``.
@@ -73,6 +74,8 @@ def build_machine(
         :class:`~dasgd.core.node.DasgdNode`).
     vv_dtype : numpy integer dtype
         Of the DASGD version vectors.
+    lag_every : int
+        DASGD: measure the model lag on one in this many new messages.
     model : Model, optional
         Shared by all nodes of a simulation (models hold no state); built if None.
 
@@ -155,4 +158,5 @@ def build_machine(
         check_finite=trc.check_finite,
         new_buffer=new_buffer,
         vv_dtype=vv_dtype,
+        lag_every=lag_every,
     )

@@ -94,6 +94,8 @@ class DasgdNode:
         ``np.empty``; the runtime passes a pool of buffers ZeroMQ has released.
     vv_dtype : numpy integer dtype
         Of the version vectors (see :class:`NodeProtocol`).
+    lag_every : int
+        Model-lag sampling (see :class:`NodeProtocol`).
 
     Attributes
     ----------
@@ -134,6 +136,7 @@ class DasgdNode:
         check_finite: bool = True,
         new_buffer=None,
         vv_dtype=np.int64,
+        lag_every: int = 1,
     ) -> None:
         self.node_id = node_id
         self.neighbours = sorted(neighbours)
@@ -167,6 +170,7 @@ class DasgdNode:
             dtype=self.dtype.name,
             adjacency=adjacency,
             vv_dtype=vv_dtype,
+            lag_every=lag_every,
         )
         self.alone = not self.neighbours
         self.open_delta = self.new_buffer()
