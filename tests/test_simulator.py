@@ -238,15 +238,15 @@ def test_dasgd_constant_compute_time_s_avg_is_n_minus_1(tmp_path, n):
     # identical modelled costs would keep every node in exact lockstep from a common start
     # (S_avg = 1.5 n - 1); nodes start within SimCosts.start_spread_s (1 ms) as processes do.
     # Without jitter the phases stay fixed: a node whose phase falls inside a delta's delivery
-    # time (handling, sending and the modelled wake-up latency: ~0.2-0.3 ms) is counted twice,
-    # so S_avg sits above n - 1 by up to ~30 % (measured 3.65 at n = 4, 8.81 at n = 8); real
-    # processes measured 3.4-4.5 at n = 4 (benchmarks/bench_sim_vs_real.py).
+    # time (handling, sending and the modelled 80 us wake-up latency: ~0.2-0.3 ms) is counted
+    # twice, so S_avg sits above n - 1 (measured 3.97 at n = 4); real processes measured
+    # 4.0-4.5 at n = 4 on a ring and a complete graph (benchmarks/bench_sim_vs_real.py).
     cfg = sim_config(
         tmp_path, **dict(_jittered_equal_speed(n), emulation=EmulationConfig(compute_time="0.01"))
     )
     _, summary = sim(cfg)
     s_avg = summary["run"]["staleness_avg_steps"]
-    assert n - 1 - 0.2 <= s_avg <= 1.3 * (n - 1)
+    assert n - 1 - 0.2 <= s_avg <= 1.5 * (n - 1)
 
 
 @pytest.mark.parametrize("n", [4, 8])

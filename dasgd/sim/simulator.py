@@ -367,12 +367,16 @@ class Simulation:
         machine = node.machine
         costs = self.costs
         inbox = node.inbox
-        # a host that sat idle wakes up late (the runtime's poll and sleep overshoot)
-        wake_s = costs.wake_s if t > node.busy_until else 0.0
+        wait = node.wait
+        if costs.wake_s and t > node.busy_until and (inbox or self._due(node, t)):
+            # a host that sat idle acts late (the runtime's poll and sleep overshoot)
+            node.busy_until = t + costs.wake_s
+            self._wake_at(node, node.busy_until)
+            return
         if inbox:
             # everything that has arrived, back to back (as the runtime's receive-all); what
             # arrives meanwhile joins the inbox before the host is free again
-            cost = wake_s
+            cost = 0.0
             message_s, byte_s, vv_s = costs.message_s, costs.byte_s, costs.vv_entry_s
             while inbox:
                 header, payload, size = inbox.popleft()
@@ -390,7 +394,6 @@ class Simulation:
                 node.woken = True  # a message arrived: the machine decides again
             self._busy(node, t, cost)
             return
-        wait = node.wait
         if wait is DONE:
             return
         if isinstance(wait, float) and t < wait:
@@ -409,7 +412,7 @@ class Simulation:
             t, work_s=node.work_s, backlog_msgs=backlog_msgs, backlog_bytes=backlog_bytes
         )
         node.work_s = 0.0
-        cost = wake_s + (costs.step_s if self._gradients(machine) != before or sends else 1e-9)
+        cost = costs.step_s if self._gradients(machine) != before or sends else 1e-9
         if self._gradients(machine) != before:
             cost += node.grad_cost_s
         if sends:
@@ -419,6 +422,16 @@ class Simulation:
         if wait is DONE:
             node.log.log(t + cost, "interval", machine.progress_step, **self._interval(node, t))
         self._busy(node, t, cost)
+
+    @staticmethod
+    def _due(node: _Node, t: float) -> bool:
+        """True if the machine has something to do at ``t`` with an empty inbox."""
+        wait = node.wait
+        if wait is DONE:
+            return False
+        if isinstance(wait, float):
+            return t >= wait
+        return wait not in WAITS or node.woken
 
     def _busy(self, node: _Node, t: float, cost: float) -> None:
         node.work_s += cost
