@@ -351,6 +351,11 @@ class SimConfig:
             _positive(self.bandwidth_bps, "bandwidth", "--bandwidth")
         if self.message_bytes is not None:
             _positive(self.message_bytes, "message bytes", "--message-bytes", integer=True)
+            _check(
+                self.message_bytes <= 1 << 40,
+                f"message bytes must be at most 1 TiB ({1 << 40}), got {self.message_bytes!r} "
+                "(--message-bytes)",
+            )
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,9 @@ def _check_ports_free(host: str, ports: list[int]) -> None:
                 ) from None
 
 
-def prepare_run(config: RunConfig, *, write_shards: bool = True) -> tuple[RunConfig, Path, dict]:
+def prepare_run(
+    config: RunConfig, *, write_shards: bool = True, check_ports: bool = True
+) -> tuple[RunConfig, Path, dict]:
     """Resolve the topology and data, validate, and write the run directory.
 
     Parameters
@@ -68,6 +70,8 @@ def prepare_run(config: RunConfig, *, write_shards: bool = True) -> tuple[RunCon
     write_shards : bool
         Write every node's shard and the test split under ``data/`` (node
         processes read them; the simulator keeps them in memory).
+    check_ports : bool
+        Check that a tcp ``--base-port`` range is free (a simulation binds nothing).
 
     Returns
     -------
@@ -121,7 +125,7 @@ def prepare_run(config: RunConfig, *, write_shards: bool = True) -> tuple[RunCon
         l2=mc.l2,
     )
     tc = config.transport
-    if tc.kind == "tcp" and tc.base_port:
+    if check_ports and tc.kind == "tcp" and tc.base_port:
         if tc.base_port + n + ps - 1 > 65535:
             raise ConfigError(f"base port {tc.base_port} + {n} nodes exceeds 65535 (--base-port)")
         _check_ports_free(tc.host, [tc.base_port + i for i in range(n + ps)])

@@ -318,9 +318,28 @@ def test_simulate_rejects_bad_input_in_one_line(tmp_path, capsys, args, named):
 def test_a_simulation_too_large_for_memory_is_refused_with_its_size(tmp_path, capsys):
     from dasgd.cli import main
 
-    # 36 n^2 bytes of version-vector bookkeeping: 3.6 PB at n = 10 million, more than any machine
+    # 48 n^2 bytes of version-vector bookkeeping: 4.8 PB at n = 10 million, more than any machine
     code = main(["simulate", "-n", "10000000", "--out-dir", str(tmp_path / "runs"), "-q"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
-    assert "10000000 DASGD nodes needs about 3352761" in err[0] and "(-n)" in err[0]
+    assert "10000000 DASGD nodes with 0 edges needs about 4470348" in err[0] and "(-n)" in err[0]
     assert not (tmp_path / "runs").exists()  # refused before anything was written
+
+
+def test_a_topology_whose_size_the_spec_fixes_is_checked_too(tmp_path, capsys, monkeypatch):
+    from dasgd.cli import main
+    from dasgd.sim import simulator
+
+    # pretend a 1 GiB machine: a 100x100 torus (10,000 nodes) needs ~4.5 GiB of vectors
+    monkeypatch.setattr(simulator, "_machine_memory_bytes", lambda: 1 << 30)
+    code = main(["simulate", "--topology", "torus:100x100", "--out-dir", str(tmp_path), "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "10000 DASGD nodes with 20000 edges" in err[0]
+
+
+def test_bad_message_bytes_is_one_line(tmp_path, capsys):
+    from dasgd.cli import main
+
+    code = main(["simulate", "--message-bytes", "1" + "0" * 40, "--out-dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "at most 1 TiB" in err[0]

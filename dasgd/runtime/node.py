@@ -226,7 +226,11 @@ class Driver:
             raise _Terminated
 
     def _wait_until(self, until: float) -> None:
-        """Emulated compute time: handle messages as they come until the clock reads ``until``."""
+        """Emulated compute time: handle messages until the clock reads ``until`` or one arrived.
+
+        After handling a message it returns early: the machine is asked again
+        (it answers the same time while still computing).
+        """
         transport = self.transport
         while True:
             self._check_stop()
@@ -240,7 +244,8 @@ class Driver:
                 time.sleep(remaining)
                 self._waited_s += time.perf_counter() - t
                 return
-            self._receive_all(timeout_s=transport.wait_cap_s(min(remaining, POLL_CAP_S)))
+            if self._receive_all(timeout_s=transport.wait_cap_s(min(remaining, POLL_CAP_S))):
+                return  # the machine decides again (a worker told to stop ends its gradient)
 
     def _wait_message(self, why: str, since: float) -> bool:
         """Handle messages for a short while; True if any arrived.
@@ -368,9 +373,13 @@ class Driver:
                         self.log.flush()
                         break
             now = time.monotonic()
+            if slowed:
+                t = time.perf_counter()
             if now - self._interval_t >= log_every_s:
                 self._interval(now, phase)
             self._evaluate(now)
+            if slowed:  # logging and evaluation are not work a slower machine would stretch
+                self._waited_s += time.perf_counter() - t
         self._let_last_messages_leave()
         now = time.monotonic()
         self._interval(now, phase)

@@ -29,9 +29,11 @@ It writes the same run directory as ``dasgd run`` (``config.json``,
 virtual seconds, final models, ``summary.json``), so ``dasgd summary`` and
 everything that reads runs works unchanged.
 
-Memory: each DASGD node keeps its version vector and per-origin counters, int32
-(about 9 arrays of n entries: 36 n bytes per node, 36 n^2 bytes in all; 3.6 GB
-at n = 10,000), plus two vectors of n int32 per delta message in flight.
+Memory: each DASGD node keeps its version vector and per-origin counters (6
+arrays of n int32 and 3 of n int64: 48 n bytes per node, 48 n^2 in all; 4.5
+GiB at n = 10,000), about 1 kB per edge, plus the base vector of every delta
+in flight and a copy of the sender's vector for every message whose lag is
+sampled.
 """
 
 from __future__ import annotations
@@ -65,6 +67,9 @@ MEMORY_FRACTION = 0.8
 #: new messages (NodeProtocol's lag_every): summary lag_avg is then a sample mean, lag_max a
 #: sample maximum.
 LAG_SAMPLE_NODES = 1000
+#: Memory per topology edge in a simulation, bytes (graph, adjacency sets, per-edge statistics;
+#: measured ~860 on a 1,000-node complete graph).
+EDGE_BYTES = 1000
 _ARRIVE, _WAKE = 0, 1
 
 
@@ -204,17 +209,19 @@ class _SimLog(EventLog):
         self.flush()
 
 
-def estimate_memory_bytes(config: RunConfig, n_params: int, n_nodes: int) -> int:
-    """Bytes a simulation needs, roughly: version-vector bookkeeping and model buffers.
+def estimate_memory_bytes(config: RunConfig, n_params: int, n_nodes: int, n_edges: int = 0) -> int:
+    """Bytes a simulation needs, roughly: version-vector bookkeeping, edges and model buffers.
 
-    DASGD: 9 int32 arrays of n entries per node (36 n^2 bytes) plus about 6
-    model-sized buffers per node. PS: model buffers only.
+    DASGD: 48 n^2 bytes (per node, 6 vectors of n int32 and 3 of n int64;
+    measured), about :data:`EDGE_BYTES` per edge (graph, adjacency sets,
+    per-edge statistics) and about 6 model-sized buffers per node. PS: model
+    buffers only. Messages in flight come on top (see the module docstring).
     """
     itemsize = np.dtype(config.model.dtype).itemsize
     models = (n_nodes + 1) * 6 * n_params * itemsize
     if config.algorithm != "dasgd":
         return models
-    return 36 * n_nodes * n_nodes + models
+    return 48 * n_nodes * n_nodes + EDGE_BYTES * n_edges + models
 
 
 def _machine_memory_bytes() -> int:
@@ -390,13 +397,13 @@ class Simulation:
                     outs = ()
                 if outs:
                     cost += self._dispatch(node, outs, t + cost)
-            if node.wait in WAITS:
+            if node.wait in WAITS or isinstance(node.wait, float):
                 node.woken = True  # a message arrived: the machine decides again
             self._busy(node, t, cost)
             return
         if wait is DONE:
             return
-        if isinstance(wait, float) and t < wait:
+        if isinstance(wait, float) and t < wait and not node.woken:
             self._wake_at(node, wait)
             return
         if wait in WAITS and not node.woken:
@@ -430,7 +437,7 @@ class Simulation:
         if wait is DONE:
             return False
         if isinstance(wait, float):
-            return t >= wait
+            return t >= wait or node.woken
         return wait not in WAITS or node.woken
 
     def _busy(self, node: _Node, t: float, cost: float) -> None:
@@ -612,11 +619,20 @@ def simulate(
     t_real = time.perf_counter()
     costs = costs or SimCosts()
     _check_memory(config)
-    config, run_dir, context = prepare_run(config, write_shards=False)
+    config, run_dir, context = prepare_run(config, write_shards=False, check_ports=False)
     sim = Simulation(config, run_dir, context, costs, progress)
     t_loop = time.perf_counter()
-    virtual_s = sim.run()
+    try:
+        virtual_s = sim.run(max_real_s=config.timeout_s)
+    finally:  # a diverged or stalled simulation keeps what its nodes logged
+        for node in sim.nodes:
+            node.log.flush()
     loop_s = time.perf_counter() - t_loop
+    if sim.truncated:
+        raise SimulationStalled(
+            f"simulation exceeded --timeout-s {config.timeout_s:g} s of real time at "
+            f"{virtual_s:.3f} virtual s; logs in {run_dir}"
+        )
     sim.write_results()
     summary = write_summary(config, run_dir, context, virtual_s)
     summary["run"]["simulated"] = True
@@ -631,15 +647,22 @@ def simulate(
 
 def _check_memory(config: RunConfig) -> None:
     """Refuse a simulation whose bookkeeping cannot fit in memory, before anything is written."""
-    n = config.n_nodes
-    if n is None:
-        return
-    # the model size is known only once data is loaded: bound the vector part first
-    need = estimate_memory_bytes(config, 0, n)
+    from ..topology import parse_topology
+
     have = _machine_memory_bytes()
+    n, n_edges = config.n_nodes, 0
+    # the vectors alone first (building a graph of millions of nodes is itself too much) ...
+    need = estimate_memory_bytes(config, 0, n or 4, 0)
+    if need <= MEMORY_FRACTION * have and config.algorithm == "dasgd":
+        # ... then with the graph's real size and edges
+        graph = parse_topology(config.topology.spec, n, seed=config.topology.seed)
+        n, n_edges = graph.number_of_nodes(), graph.number_of_edges()
+        need = estimate_memory_bytes(config, 0, n, n_edges)
+    n = n or 4
     if need > MEMORY_FRACTION * have:
         raise ConfigError(
-            f"a simulation of {n} DASGD nodes needs about {need / 2**30:.1f} GiB for version "
-            f"vectors (36 n^2 bytes), more than {MEMORY_FRACTION:.0%} of this machine's "
-            f"{have / 2**30:.1f} GiB: use fewer nodes (-n)"
+            f"a simulation of {n} {'DASGD nodes' if config.algorithm == 'dasgd' else 'workers'} "
+            f"with {n_edges} edges needs about {need / 2**30:.1f} GiB (48 n^2 bytes of version "
+            f"vectors and ~{EDGE_BYTES} bytes per edge), more than {MEMORY_FRACTION:.0%} of this "
+            f"machine's {have / 2**30:.1f} GiB: use fewer nodes (-n) or a sparser topology"
         )
