@@ -804,25 +804,15 @@ def describe_topology(graph: nx.Graph) -> dict[str, Any]:
     validate_topology(graph)
     degrees = [d for _, d in graph.degree]
     n = graph.number_of_nodes()
-    if n > DESCRIBE_EXACT_MAX_NODES:
-        return {
-            "n_nodes": int(n),
-            "n_edges": int(graph.number_of_edges()),
-            "degree_min": int(min(degrees)),
-            "degree_max": int(max(degrees)),
-            "degree_mean": float(sum(degrees) / n),
-            "diameter": None,
-            "spectral_gap": None,
-            "mixing_matrix": "metropolis-hastings",
-        }
+    exact = n <= DESCRIBE_EXACT_MAX_NODES
     return {
         "n_nodes": int(n),
         "n_edges": int(graph.number_of_edges()),
         "degree_min": int(min(degrees)),
         "degree_max": int(max(degrees)),
         "degree_mean": float(sum(degrees) / n),
-        "diameter": int(nx.diameter(graph)) if n > 1 else 0,
-        "spectral_gap": spectral_gap(graph),
+        "diameter": (int(nx.diameter(graph)) if n > 1 else 0) if exact else None,
+        "spectral_gap": spectral_gap(graph) if exact else None,
         "mixing_matrix": "metropolis-hastings",
     }
 

@@ -502,3 +502,12 @@ def test_format_topology():
     big = format_topology(parse_topology("ring", 40))
     assert "node 0:" not in big
     assert format_topology(ring_graph(1)).splitlines()[-1] == "node 0:"
+
+
+def test_describe_skips_diameter_and_spectral_gap_of_huge_graphs():
+    # O(n E) and O(n^3): not computed above DESCRIBE_EXACT_MAX_NODES (simulations)
+    n = topology.DESCRIBE_EXACT_MAX_NODES + 1
+    info = topology.describe_topology(topology.parse_topology("ring", n))
+    assert info["n_nodes"] == n and info["n_edges"] == n
+    assert info["diameter"] is None and info["spectral_gap"] is None
+    assert "not computed above" in topology.format_topology(topology.parse_topology("ring", n))

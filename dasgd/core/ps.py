@@ -58,6 +58,16 @@ class _Role:
         self.n_params = n_params
         self.dtype = np.dtype(dtype)
 
+    t_start: float | None = None
+    t_end: float | None = None
+
+    @property
+    def train_s(self) -> float:
+        """From the first call to the end of serving or computing, in the driver's seconds."""
+        if self.t_start is None or self.t_end is None:
+            return 0.0
+        return self.t_end - self.t_start
+
     def _header(self, kind: str, seq: int, steps: int, *, array: bool) -> Header:
         return Header(
             kind,
@@ -215,12 +225,6 @@ class PSWorker(_Role):
         }
         self._loss_sum, self._loss_count = 0.0, 0
         return fields
-
-    @property
-    def train_s(self) -> float:
-        if self.t_start is None or self.t_end is None:
-            return 0.0
-        return self.t_end - self.t_start
 
     def final_fields(self) -> dict:
         train_s = self.train_s
@@ -453,12 +457,6 @@ class PSServer(_Role):
             "tau_applied_avg_steps": self.tau.mean if self.tau.count else None,
             "tau_in_flight_steps": self.in_flight_tau,
         }
-
-    @property
-    def train_s(self) -> float:
-        if self.t_start is None or self.t_end is None:
-            return 0.0
-        return self.t_end - self.t_start
 
     def final_fields(self) -> dict:
         return {
