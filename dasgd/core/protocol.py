@@ -5,13 +5,14 @@ asynchronous SGD (Tosi & Theobald, "Convergence Analysis of Decentralized ASGD",
 arXiv 2309.03754; ALGORITHMS.md §1): its version vector, its open delta window,
 which deltas it has applied, staleness statistics, and the end-of-run drain.
 It imports no socket, clock or file: messages come in as arguments and go out
-as return values, so the same object runs under the ZeroMQ runtime
-(:mod:`dasgd.node`) and in unit tests with scripted message orders.
+as return values, so the same object serves :class:`~dasgd.core.node.DasgdNode`
+(driven by the process runtime and by the simulator) and unit tests with
+scripted message orders.
 
-The runtime owns the arrays: it adds each local update ``u`` to the model and to
+Its owner holds the arrays: it adds each local update ``u`` to the model and to
 its open delta buffer, calls :meth:`NodeProtocol.local_step`, and when that
-returns an :class:`Outgoing` it sends the buffer with that header and zeroes the
-buffer. For each incoming message it calls :meth:`NodeProtocol.receive`; when
+returns an :class:`Outgoing` it sends the buffer with that header and starts a
+new one. For each incoming message it calls :meth:`NodeProtocol.receive`; when
 told to apply, it adds the payload to the model, then relays the same payload
 with the returned header.
 

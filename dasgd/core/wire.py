@@ -40,7 +40,7 @@ stepping and how many deltas and steps it produced, flooded like a delta;
 (only sent to neighbours, never forwarded). Version vectors (ALGORITHMS.md §2)
 count local steps per origin.
 
-The parameter-server baselines (:mod:`dasgd.ps`) use three more kinds on the
+The parameter-server baselines (:mod:`dasgd.core.ps`) use three more kinds on the
 same frames: ``grad`` (worker -> server, a gradient with the model version it
 was computed at), ``model`` (server -> worker, the current model and its
 version) and ``stop`` (server -> worker, no array). Their node ids are the
