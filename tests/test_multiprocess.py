@@ -23,11 +23,9 @@ from dasgd.config import (
     TransportConfig,
 )
 from dasgd.core import wire
-from dasgd.ml.data import BatchSampler
-from dasgd.ml.models import build_model
 from dasgd.runtime.launch import run
 
-from .conftest import wait_for
+from .conftest import sequential_mlp_sgd, wait_for
 
 pytestmark = pytest.mark.multiprocess
 
@@ -127,13 +125,7 @@ def test_single_node_is_plain_sequential_sgd(tmp_path):
     run_dir, _ = run(cfg, progress=False)
     X = np.load(run_dir / "data" / "shard-0-X.npy")
     y = np.load(run_dir / "data" / "shard-0-y.npy")
-    model = build_model("mlp", X.shape[1], 10, hidden=(8,))
-    x = model.init_params(seed=3)
-    sampler = BatchSampler(len(y), 8, seed=3 + 1)  # node i samples with seed + 1 + i
-    for _ in range(50):
-        idx = sampler.next_batch()
-        _, g = model.loss_and_grad(x, X[idx], y[idx])
-        x = x - 0.1 * g
+    x = sequential_mlp_sgd(X, y, steps=50, lr=0.1, batch_size=8, seed=3, hidden=(8,))
     # exact by construction: with one node the runtime makes these same calls in the same
     # order on the same arrays (loss_and_grad, then x += -lr * g), in one BLAS thread
     np.testing.assert_array_equal(np.load(run_dir / "node-0.npy"), x)

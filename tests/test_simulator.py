@@ -18,11 +18,10 @@ from dasgd.config import (
     TopologyConfig,
     TrainConfig,
 )
-from dasgd.ml.data import BatchSampler
-from dasgd.ml.models import build_model
 from dasgd.rundir import prepare_run
 from dasgd.sim import simulate
 
+from .conftest import sequential_mlp_sgd
 from .test_multiprocess import check_drained_run
 from .test_ps import expected_tau_avg
 
@@ -64,13 +63,7 @@ def test_single_node_simulated_is_plain_sequential_sgd(tmp_path):
     _, _, context = prepare_run(cfg.replace(out_dir=str(tmp_path / "ref")), write_shards=False)
     idx = context["shards"][0]
     X, y = context["dataset"].X_train[idx], context["dataset"].y_train[idx]
-    model = build_model("mlp", X.shape[1], 10, hidden=(8,))
-    x = model.init_params(seed=3)
-    sampler = BatchSampler(len(y), 8, seed=3 + 1)  # node i samples with seed + 1 + i
-    for _ in range(50):
-        idx = sampler.next_batch()
-        _, g = model.loss_and_grad(x, X[idx], y[idx])
-        x = x - 0.1 * g
+    x = sequential_mlp_sgd(X, y, steps=50, lr=0.1, batch_size=8, seed=3, hidden=(8,))
     # exact by construction: the simulator drives the same DasgdNode as the runtime, which
     # with no neighbour makes these same calls in the same order on the same arrays
     # (loss_and_grad, then x += -lr * g); virtual time decides only when, never what
