@@ -532,7 +532,7 @@ def format_summary(summary: dict, *, max_edges: int = 32) -> str:
     ]
     edges = summary["edges"]
     if edges:
-        lines += ["", f"{'edge':>9} {'S_avg':>6} {'S_max':>6} {'lag_avg':>7} {'lag_max':>7}"]
+        lines += ["", f"{'edge':>9} {'S1_avg':>6} {'S1_max':>6} {'lag_avg':>7} {'lag_max':>7}"]
         for e in edges[:max_edges]:
             lines.append(
                 f"{e['src']:>4}->{e['dst']:<4} {_fmt(e['staleness_apply_avg_steps']):>6} "

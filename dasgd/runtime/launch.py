@@ -154,7 +154,7 @@ class _Progress:
 
         postfix = {
             "loss": mean("loss"),
-            "S_avg": mean("staleness_apply_avg_steps"),
+            "S1_avg": mean("staleness_apply_avg_steps"),
             "lag": mean("lag_avg_steps"),
         }
         if self.server_id is not None:
