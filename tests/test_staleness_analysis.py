@@ -182,6 +182,36 @@ def test_convergence_curves_of_the_average_model(tmp_path):
     assert summary["run"]["grad_norm_sq_train_final"] == conv["grad_norm_sq_train"][-1]
 
 
+def test_consensus_from_sketches_once_snapshots_stop_is_close_to_the_exact(tmp_path, monkeypatch):
+    import dasgd.analysis.events as events
+
+    def consensus(where):
+        cfg = sim_config(
+            tmp_path / where,
+            run_id="r",
+            model=ModelConfig("mlp", hidden=(32,)),  # 2,410 parameters: a real sketch
+            train=TrainConfig(steps=100, lr=0.1, batch_size=16),
+            emulation=EmulationConfig(compute_time="0.001", latency="0.002"),
+            eval_interval_s=0.01,
+        )
+        run_dir, _ = sim(cfg)
+        return json.loads((run_dir / "analysis.json").read_text())["convergence"]
+
+    exact = consensus("exact")
+    monkeypatch.setattr(events, "SNAPSHOT_MAX_BYTES", 3 * 2410 * 8)  # 2 full rows, then sketches
+    sketched = consensus("sketched")
+    assert exact["consensus_exact"] and not sketched["consensus_exact"]
+    assert sketched["t_s"] == exact["t_s"]  # the same deterministic run
+    assert sketched["average_model_test_loss"][2:] == [None] * (len(exact["t_s"]) - 2)
+    a, b = (
+        np.array(exact["consensus_distance_rel"][2:]),
+        np.array(sketched["consensus_distance_rel"][2:]),
+    )
+    assert len(a) >= 5 and np.all(a > 0)
+    # CountSketch of 1,024 buckets: norms within a few percent (error ~ sqrt(2/1024) each)
+    assert np.median(np.abs(b / a - 1)) < 0.15
+
+
 def test_no_events_writes_no_binary_logs_and_says_what_is_missing(tmp_path, capsys):
     code = main(
         [

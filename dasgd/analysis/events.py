@@ -23,7 +23,7 @@ JSON), readable with :func:`numpy.fromfile`:
     staleness at that moment).
 ``node-<i>.models.bin`` / ``server.models.bin``, :func:`snapshot_dtype`
     The model at every evaluation (``t_s``, ``step``, then the parameters),
-    while the file stays under :data:`SNAPSHOT_MAX_BYTES`; then only
+    while the file stays under :data:`SNAPSHOT_MAX_BYTES`; after that,
     ``node-<i>.sketch.bin``: a CountSketch of :data:`SKETCH_SIZE` entries of
     the model (exact copy when the model is no larger), from which consensus
     distances are estimated (relative error about sqrt(2 / SKETCH_SIZE)).
@@ -274,7 +274,7 @@ def count_sketch(n_params: int, seed: int):
 
 
 class ModelSnapshots:
-    """Model snapshots (while under :data:`SNAPSHOT_MAX_BYTES`) and sketches at every evaluation.
+    """The model at every evaluation: in full while under :data:`SNAPSHOT_MAX_BYTES`, then sketched.
 
     Parameters
     ----------
@@ -302,13 +302,14 @@ class ModelSnapshots:
         self._full_rows_max = max(0, SNAPSHOT_MAX_BYTES // self._models.dtype.itemsize)
 
     def take(self, now: float, step: int, params: np.ndarray) -> None:
-        """Record the model at time ``now`` (driver's clock) and write it out."""
+        """Record the model at time ``now`` (driver's clock): in full while the budget lasts, then its sketch."""
         t_s = now - self.t0
         if self._models.written < self._full_rows_max:
             self._models.rows.append((t_s, step, params))
             self._models.flush()
-        self._sketches.rows.append((t_s, step, self._sketch(params)))
-        self._sketches.flush()
+        else:
+            self._sketches.rows.append((t_s, step, self._sketch(params)))
+            self._sketches.flush()
 
     def flush(self) -> None:
         """Nothing is buffered (each snapshot is written at once)."""

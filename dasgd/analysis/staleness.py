@@ -41,6 +41,7 @@ from .events import (
     APPLY_DTYPE,
     GRADIENT_DTYPE,
     SKETCH_SIZE,
+    count_sketch,
     read_columns,
     snapshot_dtype,
 )
@@ -131,7 +132,8 @@ def pairwise_staleness(V: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     -------
     strict, loose : ndarray of shape (K, m * (m - 1)), int64
         ``sum_k max(0, V_j[k] - V_i[k])`` (|G_j \\ G_i|) and
-        ``sum_k |V_j[k] - V_i[k]|`` for every ordered pair i != j.
+        ``sum_k |V_j[k] - V_i[k]|`` for every ordered pair i != j, row by row
+        (i, then j: column ``i * (m - 1) + j - (j > i)``).
     """
     K, m, _ = V.shape
     off_diagonal = ~np.eye(m, dtype=bool)
@@ -222,16 +224,19 @@ def _eval_series(run_dir: Path, name: str) -> dict:
 
 
 def _snapshots(run_dir: Path, name: str, n_params: int, dtype, interval_s: float):
-    """{tick: (t_s, full model or None, sketch)} of one process (the last row per tick)."""
+    """{tick: (t_s, full model or None, sketch)} of one process (the last row per tick).
+
+    Full snapshots come first; the evaluations after their budget have sketches only.
+    """
     full = read_columns(run_dir / f"{name}.models.bin", snapshot_dtype(n_params, dtype))
-    sketch = read_columns(
+    sketched = read_columns(
         run_dir / f"{name}.sketch.bin", snapshot_dtype(min(n_params, SKETCH_SIZE), np.float64)
     )
-    out: dict[int, list] = {}
-    for k, row in enumerate(sketch):
-        tick = math.floor(row["t_s"] / interval_s)
-        x = full[k]["x"] if k < len(full) else None
-        out[tick] = [float(row["t_s"]), x, row["x"]]
+    out: dict[int, tuple] = {}
+    for row in full:
+        out[math.floor(row["t_s"] / interval_s)] = (float(row["t_s"]), row["x"], None)
+    for row in sketched:
+        out[math.floor(row["t_s"] / interval_s)] = (float(row["t_s"]), None, row["x"])
     return out
 
 
@@ -248,7 +253,9 @@ def _convergence(
     dtype,
     interval_s: float,
     finish_times: np.ndarray,
+    seed: int,
 ) -> dict | None:
+    sketch = count_sketch(n_params, seed)
     snaps = [_snapshots(run_dir, name, n_params, dtype, interval_s) for name in names]
     if not snaps or not all(snaps):
         return None
@@ -284,7 +291,8 @@ def _convergence(
             out["average_model_test_loss"].append(None)
             out["average_model_test_accuracy"].append(None)
             out["grad_norm_sq_train"].append(None)
-            vectors = np.stack([r[2] for r in rows])
+            # the same sketch of the nodes whose full snapshot is there
+            vectors = np.stack([r[2] if r[1] is None else sketch(r[1]) for r in rows])
             out["consensus_exact"] = out["consensus_exact"] and n_params <= SKETCH_SIZE
         center = vectors.mean(axis=0)
         scale = max(float(np.linalg.norm(center)), 1e-300)
@@ -407,6 +415,7 @@ def analyze_run(
             dtype=dtype,
             interval_s=config.eval_interval_s,
             finish_times=gradients["t_end_s"],
+            seed=config.train.seed,
         )
     return {
         "format": ANALYSIS_FORMAT,
@@ -431,6 +440,8 @@ def _pairwise(gradients, applies, n: int, t_end_s: float, seed: int) -> dict | N
     times_s = np.linspace(0.0, t_end_s, TIME_SAMPLES + 1)[1:]
     V = version_vectors(gradients, applies, nodes, n, times_s)
     strict, loose = pairwise_staleness(V)
+    m = len(nodes)
+    behind = strict.reshape(len(times_s), m, m - 1)  # [t, i, .]: what i's model lacks of others'
     return {
         "avg_steps": float(strict.mean()),
         "max_steps": int(strict.max()),
@@ -446,6 +457,14 @@ def _pairwise(gradients, applies, n: int, t_end_s: float, seed: int) -> dict | N
             "loose_max_steps": [int(v) for v in loose.max(axis=1)],
         },
         "histogram": _histogram(strict.ravel()),
+        "per_node": [
+            {
+                "node": int(i),
+                "avg_steps": float(behind[:, a].mean()),
+                "max_steps": int(behind[:, a].max()),
+            }
+            for a, i in enumerate(nodes)
+        ],
     }
 
 
