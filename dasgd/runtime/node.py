@@ -474,6 +474,10 @@ def _build(config: RunConfig, node_id: int, run_dir: Path, meta: dict):
     return machine, neighbours, evaluator
 
 
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
 def node_main(run_dir: str, node_id: int, control_address: str) -> int:
     """Entry point of a node process (DASGD node, PS worker or PS server); returns the exit code.
 
@@ -532,6 +536,8 @@ def node_main(run_dir: str, node_id: int, control_address: str) -> int:
             max_message_bytes=message_bytes + wire.MAX_HEADER_BYTES + 4096,
         )
         address = transport.start()
+        if tc.kind == "tcp" and tc.advertise_host:  # bound to all interfaces: say which reaches us
+            address = f"tcp://{_url_host(tc.advertise_host)}:{address.rsplit(':', 1)[1]}"
         control.send(
             control_sock, {"kind": "ready", "node": node_id, "address": address, "pid": os.getpid()}
         )
