@@ -217,7 +217,8 @@ def run(
         server = RendezvousServer(
             hosts,
             bind_host=config.transport.host,
-            timeout_s=max(config.transport.ready_timeout_s, config.transport.send_timeout_s),
+            timeout_s=config.transport.ready_timeout_s,
+            silence_s=config.transport.send_timeout_s,
             collect=None,
         )
     try:
@@ -421,7 +422,7 @@ def _launch_local(config, run_dir, context, hosts: HostSpec, link, progress: boo
                 pump(0, lambda identity, message: None)
                 check_children()
 
-            start_message = link.wait_for("start", tc.ready_timeout_s + 5.0, on_idle=idle)
+            start_message = link.wait_for("start", tc.ready_timeout_s, on_idle=idle)
             addresses = {int(k): v for k, v in start_message["addresses"].items()}
             t0_unix_s = start_message["t0_unix_s"]
         start = control_messages.pack(

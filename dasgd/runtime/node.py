@@ -303,6 +303,8 @@ class Driver:
             **self.transport.counters(),
         )
         self._interval_t = now
+        if self.events is not None:  # on disk every log interval, as the JSONL log
+            self.events.flush()
         if self.on_progress is not None:
             self.on_progress(record)
 
@@ -541,7 +543,8 @@ def node_main(run_dir: str, node_id: int, control_address: str) -> int:
         control.send(
             control_sock, {"kind": "ready", "node": node_id, "address": address, "pid": os.getpid()}
         )
-        start = control.recv(control_sock, tc.ready_timeout_s * 2, parent_pid=parent_pid)
+        # the launcher waits for its nodes, then (several hosts) for the rendezvous: both deadlines
+        start = control.recv(control_sock, tc.ready_timeout_s * 3, parent_pid=parent_pid)
         if start.get("kind") != "start":
             raise TransportError(f"expected start from the launcher, got {start.get('kind')!r}")
         addresses = {int(k): v for k, v in start["addresses"].items()}

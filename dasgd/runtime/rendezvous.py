@@ -348,7 +348,9 @@ class RendezvousServer(threading.Thread):
         Interface to bind when the endpoint's host is not an address of this
         machine (``0.0.0.0``: all).
     timeout_s : float
-        Deadline for every host to join, and silence after which a host is declared lost.
+        Deadline for every host to join after host 0 did (``--ready-timeout-s``).
+    silence_s : float
+        Silence after which a host is declared lost (``--send-timeout-s``).
     collect : callable
         ``collect(files) -> summary dict``: called with ``{name: bytes}`` of every
         other host's files once all have sent them; writes them and the summary.
@@ -359,12 +361,16 @@ class RendezvousServer(threading.Thread):
         Why the run was aborted (set before the abort is sent).
     """
 
-    def __init__(self, spec: HostSpec, bind_host: str, timeout_s: float, collect) -> None:
+    def __init__(
+        self, spec: HostSpec, bind_host: str, timeout_s: float, silence_s: float, collect
+    ) -> None:
         super().__init__(name="dasgd-rendezvous", daemon=True)
         self.spec = spec
         self.timeout_s = timeout_s
+        self.silence_s = silence_s
         self.collect = collect
         self.error: str | None = None
+        self._abort_message: dict | None = None
         self._halt = threading.Event()
         host, port = split_endpoint(spec.rdzv_endpoint)
         self._ctx = zmq.Context.instance()
@@ -410,11 +416,17 @@ class RendezvousServer(threading.Thread):
 
     def _abort(self, identities, message: str, exit_code: int) -> None:
         self.error = message
-        self._broadcast(identities, {"kind": "abort", "message": message, "exit_code": exit_code})
+        self._abort_message = {"kind": "abort", "message": message, "exit_code": exit_code}
+        self._broadcast(identities, self._abort_message)
 
     def run(self) -> None:
         try:
             self._serve()
+            if self.error is not None:  # tell launchers that come late too, until stopped
+                while not self._halt.is_set():
+                    identity, message, _ = self._recv(0.2)
+                    if message is not None:
+                        self._broadcast([identity], self._abort_message)
         finally:
             self._sock.close(linger=1000)
 
@@ -430,7 +442,8 @@ class RendezvousServer(threading.Thread):
         n = self.spec.nhosts
         joins: dict[int, dict] = {}
         who: dict[int, bytes] = {}
-        deadline = time.monotonic() + self.timeout_s
+        # the others get timeout_s from host 0's own join (its nodes take time to start)
+        deadline = time.monotonic() + 2 * self.timeout_s
         while len(joins) < n:
             remaining = deadline - time.monotonic()
             if self._halt.is_set():
@@ -465,6 +478,8 @@ class RendezvousServer(threading.Thread):
                 return
             joins[rank] = message
             who[rank] = identity
+            if rank == 0:
+                deadline = time.monotonic() + self.timeout_s
             if 0 in joins:
                 for r, j in joins.items():
                     why = mismatch(joins[0], j) if r != 0 else None
