@@ -357,6 +357,13 @@ def _add_host_options(p: argparse.ArgumentParser) -> None:
         help="address other hosts reach this host's nodes at (default: the interface that "
         "reaches the rendezvous)",
     )
+    g.add_argument(
+        "--curve-keys",
+        default=None,
+        metavar="DIR",
+        help="encrypt and authenticate every link and the rendezvous with the CurveZMQ keys "
+        "in DIR (see `dasgd keys`); peers without a listed public key get nothing in",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -390,6 +397,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="nominal payload bytes of every model/delta/gradient message for transfer times, "
         "e.g. 4000000 for a 1M-parameter float32 model (default: the real size)",
     )
+    p = sub.add_parser(
+        "keys", help="write CurveZMQ key pairs for --curve-keys (one per node, server, launcher)"
+    )
+    p.add_argument("dir", help="directory for the keys (created)")
+    p.add_argument(
+        "-n", "--nodes", type=int, required=True, help="nodes (or PS workers) of the run"
+    )
+    p.add_argument("--force", action="store_true", help="replace keys already in DIR")
     p = sub.add_parser("summary", help="print the table of a finished run")
     p.add_argument("run_dir", help="a run directory (holds summary.json)")
     p.add_argument("--json", action="store_true", help="print summary.json instead of the table")
@@ -523,6 +538,10 @@ def _cmd_run(args) -> int:
         config = config.replace(
             transport=dataclasses.replace(config.transport, advertise_host=args.advertise_address)
         )
+    if args.curve_keys:
+        config = config.replace(
+            transport=dataclasses.replace(config.transport, curve_keys=args.curve_keys)
+        )
     if config.model.name not in MODELS:
         raise ConfigError(
             f"unknown model {config.model.name!r}: choose one of {', '.join(MODELS)} (--model)"
@@ -597,6 +616,18 @@ def _cmd_topology(args) -> int:
     return 0
 
 
+def _cmd_keys(args) -> int:
+    from .runtime.security import write_keys
+
+    names = write_keys(args.dir, args.nodes, force=args.force)
+    print(
+        f"wrote {len(names)} CurveZMQ key pairs to {args.dir}: {names[0]} .. {names[-3]}, "
+        f"{names[-2]}, {names[-1]} (NAME.key public, NAME.key_secret secret); give every host "
+        "the public keys and its own secret keys, then pass --curve-keys DIR to `dasgd run`"
+    )
+    return 0
+
+
 def _cmd_node(args) -> int:
     from .runtime.node import node_main
 
@@ -619,6 +650,7 @@ def main(argv: list[str] | None = None) -> int:
         "summary": _cmd_summary,
         "topology": _cmd_topology,
         "node": _cmd_node,
+        "keys": _cmd_keys,
     }[args.command]
     try:
         return command(args)

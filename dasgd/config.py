@@ -259,6 +259,9 @@ class TransportConfig:
         Address other nodes reach this host's inboxes at (a run over several
         hosts sets it: ``--advertise-address``, default the interface that
         reaches the rendezvous); None: the bound address.
+    curve_keys : str or None
+        Directory of CurveZMQ keys (``dasgd keys``): encrypt and authenticate
+        every socket between nodes and between launchers; None: plain.
     base_port : int
         Node i binds ``base_port + i``; 0 lets the OS choose free ports.
     hwm_msgs : int
@@ -282,6 +285,7 @@ class TransportConfig:
     kind: str = "ipc"
     host: str = "127.0.0.1"
     advertise_host: str | None = None
+    curve_keys: str | None = None
     base_port: int = 0
     hwm_msgs: int = 100
     queue_bytes: int = 64 << 20

@@ -348,3 +348,98 @@ def test_mpirun_starts_one_host_per_task(tmp_path):
     summary = json.loads((run0 / "summary.json").read_text())
     assert summary["run"]["n_nodes"] == 4 and summary["checks"]["exactly_once"]
     assert summary["checks"]["consensus_distance_rel"] < 1e-6
+
+
+# -- CurveZMQ --------------------------------------------------------------------------------
+
+
+def test_keys_are_written_once_and_never_overwritten_silently(tmp_path, capsys):
+    from dasgd.cli import main
+
+    assert main(["keys", str(tmp_path / "k"), "-n", "2"]) == 0
+    names = sorted(p.name for p in (tmp_path / "k").iterdir())
+    assert names == sorted(
+        f"{n}.{s}"
+        for n in ("node-0", "node-1", "server", "launcher")
+        for s in ("key", "key_secret")
+    )
+    assert (tmp_path / "k" / "node-0.key_secret").stat().st_mode & 0o077 == 0
+    capsys.readouterr()
+    assert main(["keys", str(tmp_path / "k"), "-n", "2"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "already holds keys" in line and "--force" in line
+
+
+@pytest.mark.multiprocess
+def test_a_peer_without_an_allowed_key_gets_nothing_in_and_the_run_finishes(tmp_path):
+    import zmq
+    import zmq.auth
+
+    keys, stranger = tmp_path / "keys", tmp_path / "stranger"
+    subprocess.run(
+        [sys.executable, "-m", "dasgd", "keys", str(keys), "-n", "3"],
+        check=True,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+    )
+    stranger.mkdir()
+    zmq.auth.create_certificates(stranger, "mallory")
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    argv = [
+        sys.executable, "-m", "dasgd", "run", "-q", "-n", "3", "--topology", "complete",
+        "--transport", "tcp", "--curve-keys", str(keys), "--compute-time", "0.005",
+        "--steps", "400", "--out-dir", str(tmp_path / "runs"), "--run-id", "r",
+    ]  # fmt: skip
+    run = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True
+    )
+    log = tmp_path / "runs" / "r" / "node-0.jsonl"
+    try:
+        start = wait_for(
+            lambda: log.exists() and log.read_text().splitlines()[:1], 60, "node 0's start"
+        )
+        address = json.loads(start[0])["address"]
+        ctx = zmq.Context()
+        public, secret = zmq.auth.load_certificate(stranger / "mallory.key_secret")
+        server_key, _ = zmq.auth.load_certificate(keys / "node-0.key")
+        intruders = []
+        for curve in (True, False):  # a key the run does not list; no encryption at all
+            sock = ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 0)
+            if curve:
+                sock.curve_secretkey, sock.curve_publickey, sock.curve_serverkey = (
+                    secret,
+                    public,
+                    server_key,
+                )
+            sock.connect(address)  # the handshake is tried (and retried) at once
+            sock.send_multipart([b"not a dasgd header", b"\x00" * 64], flags=zmq.NOBLOCK)
+            intruders.append(sock)
+        out, _ = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait(timeout=10)
+    for sock in intruders:
+        sock.close(linger=0)
+    ctx.term()
+    assert run.returncode == 0, out[-2000:]
+    final = [json.loads(line) for line in log.read_text().splitlines() if '"final"' in line][-1]
+    assert final["auth_rejected"] >= 2  # both intruders were refused at the handshake
+    assert final["malformed"] == 0  # nothing reached the protocol
+    summary = json.loads((tmp_path / "runs" / "r" / "summary.json").read_text())
+    assert summary["checks"]["exactly_once"]
+
+
+@pytest.mark.multiprocess
+def test_two_hosts_with_curve_keys_encrypt_the_rendezvous_and_the_links(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "dasgd", "keys", str(tmp_path / "keys"), "-n", "4"],
+        check=True,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+    )
+    endpoint = f"127.0.0.2:{free_port('127.0.0.2')}"
+    curve = ("--curve-keys", str(tmp_path / "keys"))
+    procs = [launch(tmp_path, k, 2, endpoint, *curve) for k in range(2)]
+    assert finish(procs) == [0, 0], [output(tmp_path, k) for k in range(2)]
+    summary = json.loads((tmp_path / "h0" / "r" / "summary.json").read_text())
+    assert summary["checks"]["exactly_once"] and summary["run"]["n_nodes"] == 4

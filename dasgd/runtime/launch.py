@@ -211,6 +211,7 @@ def run(
     """
     hosts = hosts or HostSpec()
     config = _for_host(config, hosts)
+    curve = _curve_keys(config, hosts)
     server = None
     if hosts.multi and hosts.host_rank == 0:
         # bound before anything is prepared: a port in use is a user mistake, found at once
@@ -220,6 +221,7 @@ def run(
             timeout_s=config.transport.ready_timeout_s,
             silence_s=config.transport.send_timeout_s,
             collect=None,
+            curve=curve,
         )
     try:
         config, run_dir, context = prepare_run(config)
@@ -238,7 +240,7 @@ def run(
 
             server.collect = collect
             server.start()
-        link = HostLink(hosts, timeout_s=config.transport.send_timeout_s)
+        link = HostLink(hosts, timeout_s=config.transport.send_timeout_s, curve=curve)
     t_start = time.monotonic()
     try:
         wall_s = _launch_local(config, run_dir, context, hosts, link, progress)
@@ -254,6 +256,23 @@ def run(
         if server is not None:
             server.stop()
             server.join(timeout=5.0)
+
+
+def _curve_keys(config: RunConfig, hosts: HostSpec):
+    """The run's CurveZMQ keys, checked for what this host needs (None without --curve-keys)."""
+    if not config.transport.curve_keys:
+        return None
+    from .security import CurveKeys
+
+    keys = CurveKeys(config.transport.curve_keys)
+    n = hosts.n_nodes() or config.n_nodes
+    if n is not None:
+        ps = config.algorithm != "dasgd"
+        local = [process_name(config.replace(n_nodes=n), i) for i in hosts.local_ids(n, ps)]
+        every = [f"node-{i}" for i in range(n)] + (["server"] if ps else [])
+        launcher = ["launcher"] if hosts.multi else []
+        keys.check(every + launcher, local + launcher)
+    return keys
 
 
 def _for_host(config: RunConfig, hosts: HostSpec) -> RunConfig:

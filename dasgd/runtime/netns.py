@@ -92,7 +92,9 @@ class EmulatedHosts:
             self._made.append(name)
             _ip("-n", name, "link", "set", "lo", "up")
             port = f"{self.tag}p{k}"
-            _ip("-n", name, "link", "add", "eth0", "type", "veth", "peer", "name", port, "netns", sw)
+            _ip(
+                "-n", name, "link", "add", "eth0", "type", "veth", "peer", "name", port, "netns", sw
+            )
             _ip("-n", name, "addr", "add", f"{address}/24", "dev", "eth0")
             _ip("-n", name, "link", "set", "eth0", "up")
             _ip("-n", sw, "link", "set", port, "master", "br0")
@@ -101,8 +103,23 @@ class EmulatedHosts:
                 for ns, dev in ((name, "eth0"), (sw, port)):
                     subprocess.run(
                         [
-                            "ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root",
-                            "tbf", "rate", self.rate, "burst", "256kb", "latency", "100ms",
+                            "ip",
+                            "netns",
+                            "exec",
+                            ns,
+                            "tc",
+                            "qdisc",
+                            "add",
+                            "dev",
+                            dev,
+                            "root",
+                            "tbf",
+                            "rate",
+                            self.rate,
+                            "burst",
+                            "256kb",
+                            "latency",
+                            "100ms",
                         ],  # fmt: skip
                         check=True,
                         capture_output=True,

@@ -530,9 +530,16 @@ def node_main(run_dir: str, node_id: int, control_address: str) -> int:
         message_bytes = machine.n_params * machine.dtype.itemsize
         links = (key.split("-") for key in meta["emulation"]["latency_s"])
         delays = meta["emulation"]["latency_s"]
+        curve = None
+        if tc.curve_keys:
+            from .security import CurveKeys
+
+            curve = CurveKeys(tc.curve_keys)
         transport = Transport(
             node_id,
             bind,
+            curve=curve,
+            key_name=lambda i: process_name(config, i),
             latency_s={int(v): delays[f"{u}-{v}"] for u, v in links if int(u) == node_id},
             hwm_msgs=queue_limit_msgs(tc, message_bytes),
             max_message_bytes=message_bytes + wire.MAX_HEADER_BYTES + 4096,

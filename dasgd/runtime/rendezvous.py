@@ -73,7 +73,13 @@ HEARTBEAT_S = 1.0
 DEFAULT_RDZV_PORT = 29400
 KINDS = ("join", "start", "alive", "failed", "result", "done", "abort")
 #: Fields of the configuration that differ legitimately between hosts.
-PER_HOST_FIELDS = ("out_dir", "run_id", "transport.host", "transport.advertise_host")
+PER_HOST_FIELDS = (
+    "out_dir",
+    "run_id",
+    "transport.host",
+    "transport.advertise_host",
+    "transport.curve_keys",
+)
 
 
 @dataclass(frozen=True)
@@ -362,7 +368,13 @@ class RendezvousServer(threading.Thread):
     """
 
     def __init__(
-        self, spec: HostSpec, bind_host: str, timeout_s: float, silence_s: float, collect
+        self,
+        spec: HostSpec,
+        bind_host: str,
+        timeout_s: float,
+        silence_s: float,
+        collect,
+        curve=None,
     ) -> None:
         super().__init__(name="dasgd-rendezvous", daemon=True)
         self.spec = spec
@@ -377,6 +389,10 @@ class RendezvousServer(threading.Thread):
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 1000)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._auth = None
+        if curve is not None:  # only launchers holding the run's keys get in
+            self._auth = curve.authenticator(self._ctx)
+            curve.make_server(self._sock, "launcher")
         # the endpoint's own address if it is one of this machine's, else the bind interface
         for where in (host, bind_host):
             try:
@@ -386,12 +402,14 @@ class RendezvousServer(threading.Thread):
                 if exc.errno == zmq.EADDRNOTAVAIL or exc.errno == errno.EADDRNOTAVAIL:
                     continue
                 self._sock.close(linger=0)
+                self._stop_auth()
                 raise ConfigError(
                     f"cannot bind the rendezvous on {where}:{port}: {exc.strerror} "
                     "(--rdzv-endpoint: choose a free port on host 0)"
                 ) from None
         else:
             self._sock.close(linger=0)
+            self._stop_auth()
             raise ConfigError(
                 f"the rendezvous endpoint {spec.rdzv_endpoint} is not an address of host 0 and "
                 f"{bind_host} cannot be bound (--rdzv-endpoint, --bind-address)"
@@ -405,6 +423,12 @@ class RendezvousServer(threading.Thread):
         """Release the socket of a server whose thread never started."""
         if not self.is_alive():
             self._sock.close(linger=0)
+            self._stop_auth()
+
+    def _stop_auth(self) -> None:
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
 
     def _broadcast(self, identities, message: dict) -> None:
         raw = _pack(message)
@@ -429,6 +453,7 @@ class RendezvousServer(threading.Thread):
                         self._broadcast([identity], self._abort_message)
         finally:
             self._sock.close(linger=1000)
+            self._stop_auth()
 
     def _recv(self, timeout_s: float):
         if self._halt.is_set() or not self._sock.poll(int(max(timeout_s, 0) * 1000) + 1):
@@ -555,9 +580,11 @@ class HostLink:
     spec : HostSpec
     timeout_s : float
         Silence from the rendezvous after which the run fails.
+    curve : dasgd.runtime.security.CurveKeys, optional
+        Encrypt the link with the ``launcher`` key pair.
     """
 
-    def __init__(self, spec: HostSpec, timeout_s: float) -> None:
+    def __init__(self, spec: HostSpec, timeout_s: float, curve=None) -> None:
         self.spec = spec
         self.timeout_s = timeout_s
         host, port = split_endpoint(spec.rdzv_endpoint)
@@ -565,6 +592,8 @@ class HostLink:
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 2000)
         self._sock.setsockopt(zmq.SNDHWM, 0)
+        if curve is not None:
+            curve.make_client(self._sock, "launcher", "launcher")
         self._sock.connect(f"tcp://{host}:{port}")
         self._last_heard = time.monotonic()
         self._next_beat = 0.0
