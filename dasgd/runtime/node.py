@@ -611,6 +611,9 @@ def node_main(run_dir: str, node_id: int, control_address: str) -> int:
         if recorder is not None:  # what was recorded survives an error
             recorder.flush()
         if transport is not None:
-            transport.close(linger_s=1.0)
+            # done: what ZeroMQ still queues (our `complete`, behind relays on a slow link) is
+            # awaited by live neighbours, so it gets the send deadline; after an error, 1 s
+            done = driver is not None and driver.drained
+            transport.close(linger_s=config.transport.send_timeout_s if done else 1.0)
         control_sock.close(linger=1000)
         ctx.term()
