@@ -18,8 +18,10 @@ run for every rate: DASGD on a ring and on an exponential graph (b =
 ``--lrs`` by its own best time to target.
 
 Reported per rate: gradients/s of the whole run, time to a test loss of
-``--target`` (DASGD: the average model in ``analysis.json``'s convergence
-curve; PS: the server's model; both evaluated every ``--eval-interval-s``),
+``--target`` (DASGD: the mean of the nodes' test losses at one evaluation
+instant; PS: the server's model; evaluated every 0.25 s of the run clock;
+runs with ``--no-events``: the event logs of 8 nodes x 1.2 MB models would
+dominate the transfer to host 0),
 and the ratios DASGD / ps-async. Needs root (network namespaces); prints why
 and exits 0 otherwise.
 
@@ -34,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -49,16 +52,27 @@ from dasgd.runtime.netns import EmulatedHosts, netns_unavailable
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_hosts.json"
 ROOT = str(Path(__file__).resolve().parent.parent)
 NHOSTS = 4
+EVAL_INTERVAL_S = 0.25
 
 
-def time_to_target(run_dir: Path, algorithm: str, target: float) -> float | None:
-    """First run-clock time the evaluated model's test loss is <= target (None: never)."""
-    if algorithm == "dasgd":
-        conv = json.loads((run_dir / "analysis.json").read_text()).get("convergence") or {}
-        points = zip(conv.get("t_s", []), conv.get("average_model_test_loss", []), strict=True)
-    else:
-        points = ((r["t_s"], r["test_loss"]) for r in read_events(run_dir / "server.jsonl", "eval"))
-    return next((t for t, loss in points if loss is not None and loss <= target), None)
+def time_to_target(run_dir: Path, algorithm: str, n: int, target: float) -> float | None:
+    """First run-clock evaluation at which the test loss is <= target (None: never).
+
+    DASGD: the mean over nodes of their test losses at the same evaluation
+    instant (evaluations fall on the same run-clock ticks on every node); PS:
+    the server's model.
+    """
+    names = [f"node-{i}" for i in range(n)] if algorithm == "dasgd" else ["server"]
+    ticks: dict[int, list] = {}
+    for name in names:
+        for r in read_events(run_dir / f"{name}.jsonl", "eval"):
+            ticks.setdefault(round(r["t_s"] / EVAL_INTERVAL_S), []).append(r)
+    for _, records in sorted(ticks.items()):
+        if len(records) < len(names) or any(r["test_loss"] is None for r in records):
+            continue
+        if sum(r["test_loss"] for r in records) / len(records) <= target:
+            return max(r["t_s"] for r in records)
+    return None
 
 
 def one_run(args, hosts: EmulatedHosts, algorithm: str, topology: str, lr: float, work: Path):
@@ -75,7 +89,7 @@ def one_run(args, hosts: EmulatedHosts, algorithm: str, topology: str, lr: float
             "--model", "mlp", "--hidden", args.hidden, "--dtype", "float32",
             "--lr", str(lr), "--batch-size", "32", "--steps", str(args.steps),
             "--send-every", str(args.send_every), "--compute-time", str(args.compute_time),
-            "--eval-interval-s", str(args.eval_interval_s),
+            "--eval-interval-s", str(EVAL_INTERVAL_S), "--no-events",
             "--out-dir", str(work / f"h{k}"), "--run-id", tag,
             "--ready-timeout-s", "120", "--send-timeout-s", "120", "--drain-timeout-s", "120",
         ]  # fmt: skip
@@ -104,11 +118,16 @@ def one_run(args, hosts: EmulatedHosts, algorithm: str, topology: str, lr: float
         "train_s": run["train_s"],
         "gradients": run["steps"],
         "gradients_per_s": run["gradients_per_s"],
-        "ttt_s": time_to_target(run_dir, algorithm, args.target),
+        "ttt_s": time_to_target(run_dir, algorithm, run["n_nodes"], args.target),
         "final_test_loss": run["average_model_test_loss"],
         "bytes_out": run["bytes_out"],
-        "staleness_virtual_avg_steps": run.get("staleness_virtual_avg_steps"),
+        "staleness_apply_avg_steps": run.get("staleness_apply_avg_steps"),
+        "tau_avg_steps": run.get("tau_avg_steps"),
     }
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def main(argv=None) -> int:
@@ -125,10 +144,11 @@ def main(argv=None) -> int:
     p.add_argument("--compute-time", type=float, default=0.02, help="seconds per gradient")
     p.add_argument("--lrs", nargs="+", type=float, default=[0.01, 0.03], help="learning-rate grid")
     p.add_argument("--target", type=float, default=0.2, help="test-loss target")
-    p.add_argument("--eval-interval-s", type=float, default=0.25)
     p.add_argument("--timeout-s", type=float, default=600.0, help="deadline of one run")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
+    # SIGTERM (a killed benchmark) unwinds like Ctrl-C, so the namespaces are removed
+    signal.signal(signal.SIGTERM, _interrupt)
     why = netns_unavailable()
     if why:
         print(f"bench_hosts: skipped: {why}")

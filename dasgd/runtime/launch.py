@@ -473,7 +473,10 @@ def _launch_local(config, run_dir, context, hosts: HostSpec, link, progress: boo
                 {
                     "kind": "failed",
                     "host_rank": hosts.host_rank,
-                    "message": str(exc) or type(exc).__name__,
+                    "message": str(exc)
+                    or (
+                        "interrupted" if isinstance(exc, KeyboardInterrupt) else type(exc).__name__
+                    ),
                     "exit_code": 2 if isinstance(exc, ConfigError) else 1,
                 }
             )

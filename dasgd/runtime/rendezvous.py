@@ -563,13 +563,32 @@ class RendezvousServer(threading.Thread):
                         files[Path(name).name] = content
                 reported.add(rank)
                 if len(reported) == n:
-                    try:
-                        summary = self.collect(files)
-                    except Exception as exc:  # the summary failed: every host learns why
-                        self._abort(who.values(), f"host 0 could not write the summary: {exc}", 1)
-                        return
-                    self._broadcast(who.values(), {"kind": "done", "summary": json.dumps(summary)})
+                    self._finish(who, files)
                     return
+
+    def _finish(self, who: dict[int, bytes], files: dict[str, bytes]) -> None:
+        """Write the files and the summary (in a thread: heartbeats go on), then send ``done``."""
+        outcome: dict = {}
+
+        def work():
+            try:
+                outcome["summary"] = self.collect(files)
+            except Exception as exc:  # the summary failed: every host learns why
+                outcome["error"] = f"host 0 could not write the summary: {exc}"
+
+        worker = threading.Thread(target=work, name="dasgd-summary", daemon=True)
+        worker.start()
+        while worker.is_alive() and not self._halt.is_set():
+            self._broadcast(who.values(), {"kind": "alive"})
+            worker.join(HEARTBEAT_S)
+            while self._recv(0)[1] is not None:  # the hosts' heartbeats: nothing to do
+                pass
+        if "summary" in outcome:
+            self._broadcast(
+                who.values(), {"kind": "done", "summary": json.dumps(outcome["summary"])}
+            )
+        elif "error" in outcome:
+            self._abort(who.values(), outcome["error"], 1)
 
 
 class HostLink:
