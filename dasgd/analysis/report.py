@@ -1026,7 +1026,10 @@ def _run_section(run: RunData, figures: list[str]) -> list[str]:
         f"maximum over time (from {source}).",
     )
     if png is None:
-        notes.append("no staleness data: neither analysis.json nor the interval records hold it")
+        notes.append(
+            "no staleness figure: no staleness in analysis.json, and the interval records hold "
+            "it at fewer than 2 times (a shorter --log-interval-s gives more)"
+        )
     png, note = figure_graph(run)
     _, what = _edge_values(run)
     add("graph", png, f"Topology; edge colour: {what}.")
