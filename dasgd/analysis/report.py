@@ -219,6 +219,8 @@ def load_run(run_dir) -> RunData:
                     f"{ANALYSIS_FORMAT}: the parts drawn from it are skipped"
                 )
                 analysis = None
+            else:  # what the analysis itself could not compute, and why
+                notes += [f"analysis.json: {note}" for note in analysis.get("notes") or []]
 
     graph = None
     if (path / "topology.json").is_file():
@@ -267,16 +269,23 @@ def _measure(run: RunData, key: str) -> dict | None:
 
 
 def _avg_max(run: RunData, key: str) -> tuple[float | None, float | None]:
-    """Average and maximum of a staleness measure, in steps (``analysis.json``, else summary.json)."""
+    """Average and maximum of a staleness measure, in steps.
+
+    From ``analysis.json``, else from summary.json (older runs name S1
+    ``staleness_*``, newer ones ``staleness_apply_*``). tau is summary.json's
+    Definition 4 value (in-flight gradients counted) where present.
+    """
+    r = run.summary["run"]
+    if key == "tau" and run.is_ps and r.get("tau_avg_steps") is not None:
+        return r.get("tau_avg_steps"), r.get("tau_max_steps")
     measure = _measure(run, key)
     if measure is not None:
         return measure.get("avg_steps"), measure.get("max_steps")
-    r = run.summary["run"]
     if key == "apply" and not run.is_ps:
         avg = r.get("staleness_apply_avg_steps", r.get("staleness_avg_steps"))
         return avg, r.get("staleness_apply_max_steps", r.get("staleness_max_steps"))
-    if key == "tau" and run.is_ps:
-        return r.get("tau_avg_steps"), r.get("tau_max_steps")
+    if key in ("virtual", "pairwise"):
+        return r.get(f"staleness_{key}_avg_steps"), r.get(f"staleness_{key}_max_steps")
     return None, None
 
 
@@ -524,6 +533,16 @@ def _log_y(ax) -> None:
         ax.yaxis.set_minor_formatter(NullFormatter())
 
 
+def _break_gaps(t: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Time-binned ``t, y`` with a NaN where ``t`` skips bins (more than 1.5 median steps): no
+    line across bins nothing happened in (a straggler working alone, say)."""
+    if len(t) < 3:
+        return t, y
+    dt = np.diff(t)
+    gaps = np.flatnonzero(dt > 1.5 * max(float(np.median(dt)), 1e-12)) + 1
+    return np.insert(t, gaps, np.nan), np.insert(y.astype(np.float64), gaps, np.nan)
+
+
 def _plot_lines(ax, xs: list[np.ndarray], ys: list[np.ndarray], colours) -> None:
     """Many curves as one LineCollection (fast for hundreds of nodes); NaN points are skipped."""
     from matplotlib.collections import LineCollection
@@ -656,12 +675,14 @@ def figure_staleness(run: RunData) -> tuple[str | None, str]:
             columns.append((title, hist, timeline))
     source = "analysis.json"
     if not columns:  # older runs: the interval records' S1 (DASGD) or tau (server)
-        prefix, label = (
-            ("tau", "tau (server's interval records)")
-            if run.is_ps
-            else ("staleness", "S1 apply staleness (interval records)")
-        )
-        t, avg, mx = _interval_series(run, prefix)
+        if run.is_ps:
+            label = "tau (server's interval records)"
+            t, avg, mx = _interval_series(run, "tau")
+        else:  # S1 is staleness_apply_* in newer logs, staleness_* in older ones
+            label = "S1 apply staleness (interval records)"
+            t, avg, mx = _interval_series(run, "staleness_apply")
+            if not len(t):
+                t, avg, mx = _interval_series(run, "staleness")
         if len(t):
             columns.append((label, None, (t, [("avg", avg, "-"), ("max", mx, "--")])))
             source = "the interval records of the JSONL logs; histograms need analysis.json"
@@ -676,9 +697,14 @@ def figure_staleness(run: RunData) -> tuple[str | None, str]:
             ax = axes[0, j]
             i = 1
             if hist:
-                ax.stairs(_floats(hist["counts"]), _floats(hist["bin_edges"]), fill=True, alpha=0.7)
+                counts = _floats(hist["counts"])
+                ax.stairs(counts, _floats(hist["bin_edges"]), fill=True, alpha=0.7)
                 ax.set_xlabel("staleness (steps)")
                 ax.set_ylabel("count")
+                positive = counts[counts > 0]
+                if len(positive) and positive.max() / positive.min() > 100:  # a long tail
+                    _log_y(ax)
+                    ax.set_ylabel("count (log scale)")
                 ax.grid(alpha=0.3)
             else:
                 ax.set_axis_off()
@@ -688,7 +714,14 @@ def figure_staleness(run: RunData) -> tuple[str | None, str]:
             t, series = timeline
             for name, values, style in series:
                 if values is not None:
-                    ax.plot(t, _floats(values), style, lw=1.3, label=name)
+                    ax.plot(
+                        *_break_gaps(t, _floats(values)),
+                        style,
+                        lw=1.3,
+                        marker=".",
+                        ms=3,
+                        label=name,
+                    )
             ax.set_xlabel(run.time_label)
             ax.set_ylabel("staleness (steps)")
             ax.set_ylim(bottom=0)
@@ -883,7 +916,8 @@ def figure_convergence(run: RunData) -> tuple[str | None, str]:
 
 
 def _scaling_points(runs: list[RunData]) -> dict[str, list[tuple[int, float, float | None]]]:
-    """S2 (DASGD) or tau (PS) avg and max per run, grouped into series by algorithm and setup."""
+    """S2 (DASGD) or tau (PS) avg and max per run, in series of one algorithm and setup
+    (topology and b for DASGD; real and simulated runs apart)."""
     series: dict[str, list] = {}
     for run in runs:
         key = "tau" if run.is_ps else "virtual"
@@ -893,7 +927,9 @@ def _scaling_points(runs: list[RunData]) -> dict[str, list[tuple[int, float, flo
         if run.is_ps:
             label = f"{run.algorithm}: tau"
         else:
-            label = f"dasgd {_topology_label(run)}, b={_fmt(_get(run.config, 'train', 'send_every'))}: S2"
+            b = _fmt(_get(run.config, "train", "send_every"))
+            label = f"dasgd {_topology_label(run)}, b={b}: S2"
+        label += " (simulated)" if run.simulated else ""
         series.setdefault(label, []).append((run.n_nodes, avg, mx))
     return {k: sorted(v) for k, v in sorted(series.items())}
 
@@ -1019,11 +1055,14 @@ def _run_section(run: RunData, figures: list[str]) -> list[str]:
         notes.append("no eval records in the logs (run with --eval-interval-s 0?): no test curves")
 
     png, source = figure_staleness(run)
+    measure_notes = "".join(
+        f" {label}: {m['note']}." for _, label, _, m in _measures_present(run) if m.get("note")
+    )
     add(
         "staleness",
         png,
         "Staleness (ALGORITHMS.md §2), in steps: distribution (where known) and average and "
-        f"maximum over time (from {source}).",
+        f"maximum over time (from {source}).{measure_notes}",
     )
     if png is None:
         notes.append(
@@ -1037,7 +1076,7 @@ def _run_section(run: RunData, figures: list[str]) -> list[str]:
         notes.append(note)
     png, caption = figure_convergence(run)
     add("convergence", png, caption)
-    if png is None and run.analysis is not None:
+    if png is None and run.analysis is not None and not run.analysis.get("notes"):
         notes.append("analysis.json has no consensus distance or gradient norm curves")
     parts += [_note(n) for n in notes]
     r = run.summary["run"]
