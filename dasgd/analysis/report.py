@@ -58,12 +58,12 @@ _MAX_DRAWN_NODES = 2000
 _MAX_LEGEND_NODES = 8
 _DPI = 90
 
+#: Key in ``analysis.json``'s ``staleness`` and label of each measure (ALGORITHMS.md §2).
 _MEASURES = (
-    # key in analysis["staleness"], label, what it is (ALGORITHMS.md §2)
-    ("apply", "S1 apply staleness", "per delta application"),
-    ("virtual", "S2 virtual-sequence staleness", "per gradient"),
-    ("pairwise", "S3 pairwise staleness", "between models, sampled"),
-    ("tau", "tau (parameter-server delay)", "per gradient"),
+    ("apply", "S1 apply staleness"),
+    ("virtual", "S2 virtual-sequence staleness"),
+    ("pairwise", "S3 pairwise staleness"),
+    ("tau", "tau (parameter-server delay)"),
 )
 
 
@@ -612,12 +612,9 @@ def figure_curves(run: RunData, curves: list[Curve], average: Curve | None) -> s
     return _png(fig)
 
 
-def _measures_present(run: RunData) -> list[tuple[str, str, str, dict]]:
-    return [
-        (key, label, what, m)
-        for key, label, what in _MEASURES
-        if (m := _measure(run, key)) is not None
-    ]
+def _measures_present(run: RunData) -> list[tuple[str, str, dict]]:
+    """``(key, label, measure)`` of each staleness measure ``analysis.json`` holds."""
+    return [(key, label, m) for key, label in _MEASURES if (m := _measure(run, key)) is not None]
 
 
 def _interval_series(run: RunData, prefix: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -658,7 +655,7 @@ def figure_staleness(run: RunData) -> tuple[str | None, str]:
         Where the data came from, for the caption.
     """
     columns = []  # (title, histogram or None, (t, series) or None)
-    for key, label, _, m in _measures_present(run):
+    for key, label, m in _measures_present(run):
         hist = m.get("histogram") if _get(m, "histogram", "counts") else None
         over = m.get("over_time") or {}
         timeline = None
@@ -860,9 +857,9 @@ def figure_graph(run: RunData) -> tuple[str | None, str]:
     )
     ax.set_title(f"{run.name}: {kind}", fontsize=10)
     note = (
-        ""
-        if directed
-        else "no per-edge staleness in summary.json or analysis.json: edges drawn grey"
+        "no per-edge staleness in summary.json or analysis.json: edges drawn grey"
+        if graph.number_of_edges() and not directed
+        else ""
     )
     return _png(fig), note
 
@@ -1056,7 +1053,7 @@ def _run_section(run: RunData, figures: list[str]) -> list[str]:
 
     png, source = figure_staleness(run)
     measure_notes = "".join(
-        f" {label}: {m['note']}." for _, label, _, m in _measures_present(run) if m.get("note")
+        f" {label}: {m['note']}." for _, label, m in _measures_present(run) if m.get("note")
     )
     add(
         "staleness",
