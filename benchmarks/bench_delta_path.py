@@ -56,6 +56,7 @@ Usage::
     python benchmarks/bench_delta_path.py                     # ~50 s on 2 cores
     python benchmarks/bench_delta_path.py --scale 4 --reps 5  # longer runs
     python benchmarks/bench_delta_path.py --sizes 4MB --transport tcp
+    python benchmarks/bench_delta_path.py --sizes 400KB 4MB --transport tcp --curve  # CurveZMQ on both
 """
 
 from __future__ import annotations
@@ -136,14 +137,27 @@ def fmt_size(nbytes: int) -> str:
     return f"{nbytes} B"
 
 
+#: Key directory of ``--curve`` runs (set in worker processes from ``--curve-keys``).
+CURVE_KEYS: str | None = None
+
+
 def run_config(kind: str, steps: int = 1) -> RunConfig:
     """A 2-node dasgd run (b = 1) in which node 0 takes ``steps`` local steps."""
     return RunConfig(
         n_nodes=2,
         model=ModelConfig(name="softmax", dtype="float32"),
         train=TrainConfig(optimizer="sgd", lr=0.05, batch_size=2, steps=steps, send_every=1),
-        transport=TransportConfig(kind=kind),
+        transport=TransportConfig(kind=kind, curve_keys=CURVE_KEYS),
     )
+
+
+def curve_keys():
+    """The run's CurveZMQ keys in a ``--curve`` worker, else None."""
+    if CURVE_KEYS is None:
+        return None
+    from dasgd.runtime.security import CurveKeys
+
+    return CurveKeys(CURVE_KEYS)
 
 
 def n_features_for(nbytes: int) -> int:
@@ -273,6 +287,8 @@ class Worker:
 
 
 def worker_main(args) -> int:
+    global CURVE_KEYS
+    CURVE_KEYS = args.curve_keys
     w = Worker(args)
     try:
         if args.worker == "raw-recv":
@@ -328,6 +344,10 @@ def raw_receiver(w: Worker) -> None:
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVHWM, a.hwm)
     sock.setsockopt(zmq.RCVTIMEO, int(a.timeout_s * 1000))  # every wait has a deadline
+    keys, auth = curve_keys(), None
+    if keys is not None:  # the same CURVE server as a dasgd inbox
+        auth = keys.authenticator(w.ctx)
+        keys.make_server(sock, "node-1")
     try:
         sock.bind(a.bind)
         w.tell(kind="ready", address=sock.getsockopt_string(zmq.LAST_ENDPOINT))
@@ -341,6 +361,8 @@ def raw_receiver(w: Worker) -> None:
         serve(w, run_one)
     finally:
         sock.close(linger=0)
+        if auth is not None:
+            auth.stop()
 
 
 def raw_sender(w: Worker) -> None:
@@ -350,6 +372,9 @@ def raw_sender(w: Worker) -> None:
     sock.setsockopt(zmq.LINGER, 1000)
     sock.setsockopt(zmq.SNDHWM, a.hwm)
     sock.setsockopt(zmq.SNDTIMEO, int(a.timeout_s * 1000))
+    keys = curve_keys()
+    if keys is not None:
+        keys.make_client(sock, "node-0", "node-1")
     try:
         sock.connect(a.connect)
         w.tell(kind="ready")
@@ -487,6 +512,7 @@ class Pairs:
             str(self.work),
             "--timeout-s",
             str(self.args.timeout_s),
+            *(["--curve-keys", self.args.curve_keys] if self.args.curve_keys else []),
         ]
         log = (self.work / f"{role}-{self.nbytes}.stderr").open("wb")
         try:
@@ -910,6 +936,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--transport", choices=("ipc", "tcp"), default="ipc")
     p.add_argument(
+        "--curve",
+        action="store_true",
+        help="encrypt both competitors with CurveZMQ (dasgd's --curve-keys; raw ZeroMQ with the "
+        "same keys); compare with a run without it for the cost of encryption",
+    )
+    p.add_argument("--curve-keys", help=argparse.SUPPRESS)
+    p.add_argument(
         "--breakdown-size",
         type=parse_size,
         default=TARGET_BYTES,
@@ -940,10 +973,15 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     load_before = os.getloadavg()[0]
     print(
-        f"delta path vs raw ZeroMQ over {args.transport}; {os.cpu_count()} cores; "
-        f"pyzmq {zmq.__version__}, libzmq {zmq.zmq_version()}; {THREAD_ENV}"
+        f"delta path vs raw ZeroMQ over {args.transport}{' with CurveZMQ' if args.curve else ''}; "
+        f"{os.cpu_count()} cores; pyzmq {zmq.__version__}, libzmq {zmq.zmq_version()}; {THREAD_ENV}"
     )
     work = Path(tempfile.mkdtemp(prefix="dbench-", dir="/tmp"))
+    if args.curve:
+        from dasgd.runtime.security import write_keys
+
+        args.curve_keys = str(work / "keys")
+        write_keys(args.curve_keys, 2)
     try:
         results = [bench_size(args, nbytes, work) for nbytes in args.sizes]
         costs = breakdown(args.breakdown_size, work) if args.breakdown else None

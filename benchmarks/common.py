@@ -106,9 +106,15 @@ def in_process_driver(
     pool = BufferPool(machine.n_params, machine.dtype)
     machine.new_buffer = pool.take  # buffers ZeroMQ has released, as node_main does
     message_bytes = machine.n_params * machine.dtype.itemsize
+    curve = None
+    if config.transport.curve_keys:  # CurveZMQ as node_main sets it up
+        from dasgd.runtime.security import CurveKeys
+
+        curve = CurveKeys(config.transport.curve_keys)
     transport = Transport(
         node_id,
         bind,
+        curve=curve,
         hwm_msgs=queue_limit_msgs(config.transport, message_bytes),
         max_message_bytes=message_bytes + wire.MAX_HEADER_BYTES + 4096,
     )

@@ -248,11 +248,16 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--transport",
         choices=TRANSPORTS,
-        default=d.transport.kind,
-        help="ipc (one machine) or tcp (default: %(default)s)",
+        default=None,
+        help=f"ipc (one machine) or tcp (default: {d.transport.kind}; tcp over several hosts)",
     )
     g.add_argument(
-        "--host", default=d.transport.host, help="interface tcp inboxes bind (default: %(default)s)"
+        "--bind-address",
+        "--host",
+        dest="host",
+        default=None,
+        help=f"interface tcp inboxes bind (default: {d.transport.host}; over several hosts "
+        "0.0.0.0, all interfaces)",
     )
     g.add_argument(
         "--base-port",
@@ -327,6 +332,41 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
+def _add_host_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "several hosts",
+        "run this host's part of a run over several hosts (README: Several machines); "
+        "without --nhosts, ranks come from torchrun, srun or mpirun's environment",
+    )
+    g.add_argument("--nhosts", type=int, default=None, help="hosts in the run (default: 1)")
+    g.add_argument("--host-rank", type=int, default=None, help="this host, 0..nhosts-1")
+    g.add_argument(
+        "--nproc-per-host",
+        type=int,
+        default=None,
+        help="node processes on each host (nodes = nhosts x nproc-per-host)",
+    )
+    g.add_argument(
+        "--rdzv-endpoint",
+        default=None,
+        metavar="HOST:PORT",
+        help="host 0's rendezvous address, as the other hosts reach it (port default 29400)",
+    )
+    g.add_argument(
+        "--advertise-address",
+        default=None,
+        help="address other hosts reach this host's nodes at (default: the interface that "
+        "reaches the rendezvous)",
+    )
+    g.add_argument(
+        "--curve-keys",
+        default=None,
+        metavar="DIR",
+        help="encrypt and authenticate every link and the rendezvous with the CurveZMQ keys "
+        "in DIR (see `dasgd keys`); peers without a listed public key get nothing in",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``dasgd`` command."""
     parser = _Parser(prog="dasgd", description="Decentralized asynchronous SGD over ZeroMQ.")
@@ -334,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("run", help="train with one process per node and print the summary")
     _add_run_options(p)
+    _add_host_options(p)
     p = sub.add_parser(
         "simulate",
         help="simulate a run in virtual time (same node logic, many nodes) and print the summary",
@@ -357,6 +398,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="nominal payload bytes of every model/delta/gradient message for transfer times, "
         "e.g. 4000000 for a 1M-parameter float32 model (default: the real size)",
     )
+    p = sub.add_parser(
+        "keys", help="write CurveZMQ key pairs for --curve-keys (one per node, server, launcher)"
+    )
+    p.add_argument("dir", help="directory for the keys (created)")
+    p.add_argument(
+        "-n", "--nodes", type=int, required=True, help="nodes (or PS workers) of the run"
+    )
+    p.add_argument("--force", action="store_true", help="replace keys already in DIR")
     p = sub.add_parser("summary", help="print the table of a finished run")
     p.add_argument("run_dir", help="a run directory (holds summary.json)")
     p.add_argument("--json", action="store_true", help="print summary.json instead of the table")
@@ -457,8 +506,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             slowdown=args.slowdown, latency=args.latency, compute_time=args.compute_time
         ),
         transport=TransportConfig(
-            kind=args.transport,
-            host=args.host,
+            kind=args.transport or TransportConfig.kind,
+            host=args.host or TransportConfig.host,
             base_port=args.base_port,
             hwm_msgs=args.hwm,
             queue_bytes=_mib_to_bytes(args.queue_mib),
@@ -477,16 +526,43 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def _cmd_run(args) -> int:
+    import dataclasses
+
     from .analysis.metrics import format_summary
     from .ml.models import MODELS
     from .runtime.launch import run
+    from .runtime.rendezvous import hosts_from_env
 
+    hosts = hosts_from_env(
+        nhosts=args.nhosts,
+        host_rank=args.host_rank,
+        nproc_per_host=args.nproc_per_host,
+        rdzv_endpoint=args.rdzv_endpoint,
+    )
     config = config_from_args(args)
+    if hosts.multi:  # several hosts: tcp on all interfaces unless told otherwise
+        config = config.replace(
+            n_nodes=args.nodes,
+            transport=dataclasses.replace(
+                config.transport,
+                kind=args.transport or "tcp",
+                host=args.host or "0.0.0.0",
+                advertise_host=args.advertise_address,
+            ),
+        )
+    elif args.advertise_address:
+        config = config.replace(
+            transport=dataclasses.replace(config.transport, advertise_host=args.advertise_address)
+        )
+    if args.curve_keys:
+        config = config.replace(
+            transport=dataclasses.replace(config.transport, curve_keys=args.curve_keys)
+        )
     if config.model.name not in MODELS:
         raise ConfigError(
             f"unknown model {config.model.name!r}: choose one of {', '.join(MODELS)} (--model)"
         )
-    run_dir, summary = run(config, progress=not args.quiet)
+    run_dir, summary = run(config, progress=not args.quiet, hosts=hosts)
     print(format_summary(summary))
     print(f"\nrun directory: {run_dir}")
     undrained = [n["node"] for n in summary["nodes"] if n.get("drained") is False]
@@ -567,6 +643,18 @@ def _cmd_topology(args) -> int:
     return 0
 
 
+def _cmd_keys(args) -> int:
+    from .runtime.security import write_keys
+
+    names = write_keys(args.dir, args.nodes, force=args.force)
+    print(
+        f"wrote {len(names)} CurveZMQ key pairs to {args.dir}: {names[0]} .. {names[-3]}, "
+        f"{names[-2]}, {names[-1]} (NAME.key public, NAME.key_secret secret); give every host "
+        "the public keys and its own secret keys, then pass --curve-keys DIR to `dasgd run`"
+    )
+    return 0
+
+
 def _cmd_node(args) -> int:
     from .runtime.node import node_main
 
@@ -590,6 +678,7 @@ def main(argv: list[str] | None = None) -> int:
         "report": _cmd_report,
         "topology": _cmd_topology,
         "node": _cmd_node,
+        "keys": _cmd_keys,
     }[args.command]
     try:
         return command(args)

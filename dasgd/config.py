@@ -254,7 +254,14 @@ class TransportConfig:
     kind : {"ipc", "tcp"}
         ``ipc`` (Unix sockets, one machine) or ``tcp``.
     host : str
-        Interface the tcp inboxes bind.
+        Interface the tcp inboxes bind (``--bind-address``; ``0.0.0.0``: all).
+    advertise_host : str or None
+        Address other nodes reach this host's inboxes at (a run over several
+        hosts sets it: ``--advertise-address``, default the interface that
+        reaches the rendezvous); None: the bound address.
+    curve_keys : str or None
+        Directory of CurveZMQ keys (``dasgd keys``): encrypt and authenticate
+        every socket between nodes and between launchers; None: plain.
     base_port : int
         Node i binds ``base_port + i``; 0 lets the OS choose free ports.
     hwm_msgs : int
@@ -277,6 +284,8 @@ class TransportConfig:
 
     kind: str = "ipc"
     host: str = "127.0.0.1"
+    advertise_host: str | None = None
+    curve_keys: str | None = None
     base_port: int = 0
     hwm_msgs: int = 100
     queue_bytes: int = 64 << 20

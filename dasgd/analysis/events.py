@@ -4,8 +4,9 @@ The JSONL logs (:mod:`dasgd.analysis.metrics`) hold interval aggregates; the
 staleness measures of the decentralized-ASGD analysis need every event
 (ALGORITHMS.md §2): S2 orders all gradients of the run by finish time, S3
 rebuilds every node's version vector at any instant. Those go to fixed-width
-binary columns, appended in chunks (a few hundred nanoseconds per event, no
-JSON), readable with :func:`numpy.fromfile`:
+binary columns, appended at every log interval and every :data:`CHUNK_ROWS`
+rows (a few hundred nanoseconds per event, no JSON), readable with
+:func:`numpy.fromfile`:
 
 ``node-<i>.gradients.bin`` (``server.gradients.bin`` for the parameter server), :data:`GRADIENT_DTYPE`
     One row per gradient step: ``node`` that computed it, its ``step`` (1-based

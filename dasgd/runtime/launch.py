@@ -18,6 +18,7 @@ documented there) and summarized by :func:`dasgd.rundir.write_summary`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -33,10 +35,17 @@ import psutil
 import zmq
 
 from ..config import RunConfig
-from ..errors import NodeFailed
+from ..errors import ConfigError, NodeFailed
 from ..ml.data import local_steps
 from ..rundir import prepare_run, process_name, write_summary
 from . import control as control_messages
+from .rendezvous import (
+    HostLink,
+    HostSpec,
+    RendezvousServer,
+    advertise_address_for,
+    data_digest,
+)
 
 __all__ = ["run", "stop_processes"]
 
@@ -168,35 +177,155 @@ class _Progress:
             self.bar.close()
 
 
-def run(config: RunConfig, *, progress: bool = True) -> tuple[Path, dict]:
-    """Run DASGD (one process per node) or a PS baseline (workers + server) here, and summarize it.
+def run(
+    config: RunConfig, *, progress: bool = True, hosts: HostSpec | None = None
+) -> tuple[Path, dict]:
+    """Run DASGD (one process per node) or a PS baseline (workers + server), and summarize it.
 
     Parameters
     ----------
     config : RunConfig
     progress : bool
         Show a progress bar on stderr.
+    hosts : HostSpec, optional
+        This launcher's part of a run over several hosts
+        (:mod:`dasgd.runtime.rendezvous`); default: the whole run here.
 
     Returns
     -------
     run_dir : Path
+        This host's run directory (host 0's holds every node's files).
     summary : dict
-        The content of ``summary.json``.
+        The content of ``summary.json`` (of the whole run, on every host).
 
     Raises
     ------
     ConfigError
-        On bad input, before any process starts.
+        On bad input, before any process starts (on several hosts: also a
+        configuration, version or data mismatch between hosts).
     NodeFailed
         If a node fails, misses the ready deadline or the run times out; every
-        process is stopped first.
+        process is stopped first (on every host).
     KeyboardInterrupt
         After stopping every process.
     """
-    config, run_dir, context = prepare_run(config)
+    hosts = hosts or HostSpec()
+    config = _for_host(config, hosts)
+    curve = _curve_keys(config, hosts)
+    server = None
+    if hosts.multi and hosts.host_rank == 0:
+        # bound before anything is prepared: a port in use is a user mistake, found at once
+        server = RendezvousServer(
+            hosts,
+            bind_host=config.transport.host,
+            timeout_s=config.transport.ready_timeout_s,
+            silence_s=config.transport.send_timeout_s,
+            collect=None,
+            curve=curve,
+        )
+    try:
+        config, run_dir, context = prepare_run(config)
+    except BaseException:
+        if server is not None:
+            server.close()
+        raise
+    link = None
+    if hosts.multi:
+        if server is not None:
+
+            def collect(files: dict[str, bytes]) -> dict:
+                for name, content in files.items():
+                    (run_dir / name).write_bytes(content)
+                return write_summary(config, run_dir, context, time.monotonic() - t_start)
+
+            server.collect = collect
+            server.start()
+        link = HostLink(hosts, timeout_s=config.transport.send_timeout_s, curve=curve)
+    t_start = time.monotonic()
+    try:
+        wall_s = _launch_local(config, run_dir, context, hosts, link, progress)
+        if link is None:
+            return run_dir, write_summary(config, run_dir, context, wall_s)
+        summary = _gather(config, run_dir, hosts, link)
+        if hosts.host_rank != 0:
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return run_dir, summary
+    finally:
+        if link is not None:
+            link.close()
+        if server is not None:
+            server.stop()
+            server.join(timeout=5.0)
+
+
+def _curve_keys(config: RunConfig, hosts: HostSpec):
+    """The run's CurveZMQ keys, checked for what this host needs (None without --curve-keys)."""
+    if not config.transport.curve_keys:
+        return None
+    from .security import CurveKeys
+
+    keys = CurveKeys(config.transport.curve_keys)
+    n = hosts.n_nodes() or config.n_nodes
+    if n is not None:
+        ps = config.algorithm != "dasgd"
+        local = [process_name(config.replace(n_nodes=n), i) for i in hosts.local_ids(n, ps)]
+        every = [f"node-{i}" for i in range(n)] + (["server"] if ps else [])
+        launcher = ["launcher"] if hosts.multi else []
+        keys.check(every + launcher, local + launcher)
+    return keys
+
+
+def _for_host(config: RunConfig, hosts: HostSpec) -> RunConfig:
+    """The configuration as this host runs it: node count, tcp, bind and advertised addresses."""
+    if not hosts.multi:
+        return config
+    tc = config.transport
+    n = hosts.n_nodes()
+    if config.n_nodes is not None and config.n_nodes != n:
+        raise ConfigError(
+            f"-n {config.n_nodes} but {hosts.nhosts} hosts x {hosts.nproc_per_host} processes "
+            f"per host = {n} nodes: give one or the other"
+        )
+    if tc.kind != "tcp":
+        raise ConfigError("a run over several hosts needs --transport tcp")
+    advertise = tc.advertise_host
+    if advertise is None:  # a given interface is what others reach; all interfaces: the route
+        bound_to_all = tc.host in ("0.0.0.0", "::", "*", "")
+        advertise = advertise_address_for(hosts.rdzv_endpoint) if bound_to_all else tc.host
+    run_id = config.run_id
+    if hosts.host_rank != 0:  # several launchers may share one machine and --out-dir
+        run_id = f"{run_id or 'run'}-host{hosts.host_rank}-{uuid.uuid4().hex[:4]}"
+    return config.replace(
+        n_nodes=n,
+        run_id=run_id,
+        transport=dataclasses.replace(tc, advertise_host=advertise),
+    )
+
+
+def _gather(config: RunConfig, run_dir: Path, hosts: HostSpec, link: HostLink) -> dict:
+    """Send this host's node files to host 0 and receive the summary of the whole run."""
+    names = []
+    if hosts.host_rank != 0:  # host 0's files are in its run directory already
+        names = [
+            p.name
+            for p in sorted(run_dir.iterdir())
+            if p.is_file() and p.name.startswith(("node-", "server."))
+        ]
+    link.send(
+        {"kind": "result", "host_rank": hosts.host_rank, "names": names},
+        [(run_dir / name).read_bytes() for name in names],
+    )
+    # host 0 evaluates every model: allow for it on top of the transfer
+    done = link.wait_for("done", config.transport.send_timeout_s + config.transport.ready_timeout_s)
+    return json.loads(done["summary"])
+
+
+def _launch_local(config, run_dir, context, hosts: HostSpec, link, progress: bool) -> float:
+    """Spawn, start and supervise this host's node processes; returns the wall time in seconds."""
     n = config.n_nodes
-    n_procs = n + (config.algorithm != "dasgd")  # the parameter server is process n
-    names = [process_name(config, i) for i in range(n_procs)]
+    ps = config.algorithm != "dasgd"
+    local = hosts.local_ids(n, ps)
+    names = {i: process_name(config, i) for i in local}
     tc = config.transport
     ipc_dir = tempfile.mkdtemp(prefix="dasgd-")
     meta_path = run_dir / "data" / "meta.json"
@@ -212,13 +341,14 @@ def run(config: RunConfig, *, progress: bool = True) -> tuple[Path, dict]:
     control.setsockopt(zmq.LINGER, 0)
     control_address = f"ipc://{ipc_dir}/control"
     control.bind(control_address)
-    procs: list[subprocess.Popen] = []
+    procs: dict[int, subprocess.Popen] = {}
     stderr_files = []
+    workers = [i for i in local if i < n]
     bar = _Progress(
-        n,
-        sum(local_steps(config.train, m) for m in meta["shard_sizes"]),
+        len(workers),
+        sum(local_steps(config.train, meta["shard_sizes"][i]) for i in workers),
         progress,
-        server_id=n if n_procs > n else None,
+        server_id=n if ps and n in local else None,
     )
     errors: dict[int, str] = {}
     t_start = time.monotonic()
@@ -228,29 +358,27 @@ def run(config: RunConfig, *, progress: bool = True) -> tuple[Path, dict]:
 
     previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        for i in range(n_procs):
+        for i in local:
             err = (run_dir / f"{names[i]}.stderr").open("wb")
             stderr_files.append(err)
-            procs.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "dasgd",
-                        "node",
-                        "--run-dir",
-                        str(run_dir),
-                        "--node-id",
-                        str(i),
-                        "--control",
-                        control_address,
-                    ],
-                    stdin=subprocess.DEVNULL,
-                    stdout=err,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                    start_new_session=True,
-                )
+            procs[i] = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "dasgd",
+                    "node",
+                    "--run-dir",
+                    str(run_dir),
+                    "--node-id",
+                    str(i),
+                    "--control",
+                    control_address,
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=err,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
             )
 
         def fail(i: int, what: str):
@@ -263,7 +391,7 @@ def run(config: RunConfig, *, progress: bool = True) -> tuple[Path, dict]:
 
         def check_children() -> int:
             running = 0
-            for i, proc in enumerate(procs):
+            for i, proc in procs.items():
                 rc = proc.poll()
                 if rc is None:
                     running += 1
@@ -295,22 +423,35 @@ def run(config: RunConfig, *, progress: bool = True) -> tuple[Path, dict]:
                 addresses[message["node"]] = message["address"]
 
         deadline = time.monotonic() + tc.ready_timeout_s
-        while len(addresses) < n_procs:
+        while len(addresses) < len(local):
             pump(100, on_ready)
             check_children()
+            if link is not None:
+                link.poll()  # an abort from host 0 (another host failed) ends this one too
             if time.monotonic() > deadline:
-                missing = sorted(set(range(n_procs)) - set(addresses))
+                missing = sorted(set(local) - set(addresses))
                 raise NodeFailed(
                     f"node(s) {missing} not ready within {tc.ready_timeout_s:.0f} s (--ready-timeout-s); stderr in {run_dir}"
                 )
+        t0_unix_s = time.time()
+        if link is not None:
+            link.join(config.to_dict(), data_digest(context["dataset"]), addresses)
+
+            def idle():
+                pump(0, lambda identity, message: None)
+                check_children()
+
+            start_message = link.wait_for("start", tc.ready_timeout_s, on_idle=idle)
+            addresses = {int(k): v for k, v in start_message["addresses"].items()}
+            t0_unix_s = start_message["t0_unix_s"]
         start = control_messages.pack(
             {
                 "kind": "start",
                 "addresses": {str(k): v for k, v in addresses.items()},
-                "t0_unix_s": time.time(),  # the run clock's origin, shared by every process
+                "t0_unix_s": t0_unix_s,  # the run clock's origin, shared by every process
             }
         )
-        for i in range(n_procs):
+        for i in local:
             control.send_multipart([identities[i], start])
 
         def on_message(identity, message):
@@ -319,19 +460,30 @@ def run(config: RunConfig, *, progress: bool = True) -> tuple[Path, dict]:
 
         while check_children():
             pump(200, on_message)
+            if link is not None:
+                link.poll()
             if config.timeout_s is not None and time.monotonic() - t_start > config.timeout_s:
                 raise NodeFailed(
                     f"run exceeded --timeout-s {config.timeout_s:.0f} s; logs in {run_dir}"
                 )
-        wall_s = time.monotonic() - t_start
+        return time.monotonic() - t_start
+    except BaseException as exc:
+        if link is not None:  # tell host 0, which stops every other host
+            link.send(
+                {
+                    "kind": "failed",
+                    "host_rank": hosts.host_rank,
+                    "message": str(exc) or type(exc).__name__,
+                    "exit_code": 2 if isinstance(exc, ConfigError) else 1,
+                }
+            )
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
         bar.close()
-        stop_processes(procs)
+        stop_processes(list(procs.values()))
         for f in stderr_files:
             f.close()
         control.close(linger=0)
         ctx.term()
         shutil.rmtree(ipc_dir, ignore_errors=True)
-
-    return run_dir, write_summary(config, run_dir, context, wall_s)

@@ -303,6 +303,8 @@ class Driver:
             **self.transport.counters(),
         )
         self._interval_t = now
+        if self.events is not None:  # on disk every log interval, as the JSONL log
+            self.events.flush()
         if self.on_progress is not None:
             self.on_progress(record)
 
@@ -474,6 +476,10 @@ def _build(config: RunConfig, node_id: int, run_dir: Path, meta: dict):
     return machine, neighbours, evaluator
 
 
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
 def node_main(run_dir: str, node_id: int, control_address: str) -> int:
     """Entry point of a node process (DASGD node, PS worker or PS server); returns the exit code.
 
@@ -524,18 +530,28 @@ def node_main(run_dir: str, node_id: int, control_address: str) -> int:
         message_bytes = machine.n_params * machine.dtype.itemsize
         links = (key.split("-") for key in meta["emulation"]["latency_s"])
         delays = meta["emulation"]["latency_s"]
+        curve = None
+        if tc.curve_keys:
+            from .security import CurveKeys
+
+            curve = CurveKeys(tc.curve_keys)
         transport = Transport(
             node_id,
             bind,
+            curve=curve,
+            key_name=lambda i: process_name(config, i),
             latency_s={int(v): delays[f"{u}-{v}"] for u, v in links if int(u) == node_id},
             hwm_msgs=queue_limit_msgs(tc, message_bytes),
             max_message_bytes=message_bytes + wire.MAX_HEADER_BYTES + 4096,
         )
         address = transport.start()
+        if tc.kind == "tcp" and tc.advertise_host:  # bound to all interfaces: say which reaches us
+            address = f"tcp://{_url_host(tc.advertise_host)}:{address.rsplit(':', 1)[1]}"
         control.send(
             control_sock, {"kind": "ready", "node": node_id, "address": address, "pid": os.getpid()}
         )
-        start = control.recv(control_sock, tc.ready_timeout_s * 2, parent_pid=parent_pid)
+        # the launcher waits for its nodes, then (several hosts) for the rendezvous: both deadlines
+        start = control.recv(control_sock, tc.ready_timeout_s * 3, parent_pid=parent_pid)
         if start.get("kind") != "start":
             raise TransportError(f"expected start from the launcher, got {start.get('kind')!r}")
         addresses = {int(k): v for k, v in start["addresses"].items()}
@@ -595,6 +611,9 @@ def node_main(run_dir: str, node_id: int, control_address: str) -> int:
         if recorder is not None:  # what was recorded survives an error
             recorder.flush()
         if transport is not None:
-            transport.close(linger_s=1.0)
+            # done: what ZeroMQ still queues (our `complete`, behind relays on a slow link) is
+            # awaited by live neighbours, so it gets the send deadline; after an error, 1 s
+            done = driver is not None and driver.drained
+            transport.close(linger_s=config.transport.send_timeout_s if done else 1.0)
         control_sock.close(linger=1000)
         ctx.term()

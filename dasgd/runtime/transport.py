@@ -40,6 +40,13 @@ from ..errors import TransportError
 
 __all__ = ["Transport", "inbox_address"]
 
+#: Monitor events of a refused handshake (a peer without an allowed CURVE key or mechanism).
+_HANDSHAKE_FAILED = (
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
+
 
 def inbox_address(kind: str, node_id: int, *, host: str, base_port: int, ipc_dir: str) -> str:
     """The address node ``node_id`` binds its inbox to.
@@ -80,6 +87,13 @@ class Transport:
     latency_s : dict of int to float, optional
         Emulated one-way delay in seconds per destination neighbour id; a
         neighbour that is absent or has 0 gets no delay.
+    curve : dasgd.runtime.security.CurveKeys, optional
+        Encrypt every link with CurveZMQ: the inbox accepts only clients with a
+        public key of the run (handshakes refused are counted as
+        ``auth_rejected``), and every outgoing socket authenticates with this
+        node's key pair.
+    key_name : callable, optional
+        ``key_name(node_id) -> str``: the key pair name of a node (with ``curve``).
 
     Raises
     ------
@@ -108,6 +122,8 @@ class Transport:
         max_message_bytes: int = -1,
         linger_s: float = 5.0,
         latency_s: dict[int, float] | None = None,
+        curve=None,
+        key_name=None,
     ) -> None:
         latency_s = dict(latency_s or {})
         for to, delay_s in latency_s.items():
@@ -136,6 +152,11 @@ class Transport:
         self.bytes_out = 0
         self.msgs_in = 0
         self.bytes_in = 0
+        self.curve = curve
+        self.key_name = key_name or (lambda node: f"node-{node}")
+        self.auth_rejected = 0
+        self._auth = None
+        self._monitor: zmq.Socket | None = None
 
     # -- lifecycle ----------------------------------------------------------
     def start(self) -> str:
@@ -156,6 +177,9 @@ class Transport:
         inbox.setsockopt(zmq.LINGER, 0)
         inbox.setsockopt(zmq.RCVHWM, self.hwm_msgs)
         inbox.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
+        if self.curve is not None:
+            self._auth = self.curve.authenticator(self._ctx)
+            self.curve.make_server(inbox, self.key_name(self.node_id))
         try:
             inbox.bind(self.bind_address)
         except zmq.ZMQError as exc:
@@ -165,6 +189,8 @@ class Transport:
                 f"node {self.node_id} cannot bind {self.bind_address}: {exc.strerror}"
             ) from None
         self._inbox = inbox
+        if self.curve is not None:  # before any peer connects (they learn the address later)
+            self._monitor = inbox.get_monitor_socket(_HANDSHAKE_FAILED)
         self.address = inbox.getsockopt_string(zmq.LAST_ENDPOINT)
         self._poller = zmq.Poller()
         self._poller.register(inbox, zmq.POLLIN)
@@ -176,6 +202,8 @@ class Transport:
             sock = self._ctx.socket(zmq.PUSH)
             sock.setsockopt(zmq.LINGER, int(self.linger_s * 1000))
             sock.setsockopt(zmq.SNDHWM, self.hwm_msgs)
+            if self.curve is not None:
+                self.curve.make_client(sock, self.key_name(self.node_id), self.key_name(node))
             sock.connect(address)
             self._out[node] = sock
             self._backlog[node] = deque()
@@ -200,8 +228,16 @@ class Transport:
         linger_ms = int((self.linger_s if linger_s is None else linger_s) * 1000)
         for sock in self._out.values():
             sock.close(linger=linger_ms)
+        if self._monitor is not None:
+            self._count_rejections()
+            self._inbox.disable_monitor()
+            self._monitor.close(linger=0)
+            self._monitor = None
         if self._inbox is not None:
             self._inbox.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
         self._out.clear()
         self._inbox = None
         self._ctx.term()
@@ -358,8 +394,26 @@ class Transport:
         self.bytes_in += sum(len(f) for f in frames)
         return frames
 
+    def _count_rejections(self) -> None:
+        """Count the handshakes the inbox refused (a peer without an allowed key)."""
+        while self._monitor.poll(0):
+            try:
+                self._monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            self.auth_rejected += 1
+
     def counters(self) -> dict:
-        """Messages and bytes moved so far, and messages waiting (backlogs, delay queues)."""
+        """Messages and bytes moved so far, and messages waiting (backlogs, delay queues).
+
+        With CurveZMQ also ``auth_rejected``: handshakes the inbox refused.
+        """
+        if self._monitor is not None:
+            self._count_rejections()
+            return {**self._counters(), "auth_rejected": self.auth_rejected}
+        return self._counters()
+
+    def _counters(self) -> dict:
         return {
             "msgs_in": self.msgs_in,
             "msgs_out": self.msgs_out,
