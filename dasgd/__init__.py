@@ -15,7 +15,8 @@ layers, lowest first; a module imports only from its own layer or below:
     - :mod:`~dasgd.core.emulation`, :mod:`~dasgd.core.actions` -- straggler/latency/compute-time specs; waits
 - :mod:`dasgd.ml` -- the numerical parts: :mod:`~dasgd.ml.models`, :mod:`~dasgd.ml.optim`, :mod:`~dasgd.ml.data`
 - :mod:`dasgd.config`, :mod:`dasgd.topology` -- the frozen ``RunConfig``; graph builders and files
-- :mod:`dasgd.analysis` -- event logs and run summaries (:mod:`~dasgd.analysis.metrics`)
+- :mod:`dasgd.analysis` -- event logs and run summaries (:mod:`~dasgd.analysis.metrics`), the
+  HTML report of `dasgd report` (:mod:`~dasgd.analysis.report`)
 - :mod:`dasgd.build`, :mod:`dasgd.rundir` -- a machine from a config; the run directory's layout,
   preparation and summary (shared by the runtime and the simulator)
 - :mod:`dasgd.runtime` -- processes and sockets: :mod:`~dasgd.runtime.transport` (ZeroMQ),

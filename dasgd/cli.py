@@ -4,6 +4,7 @@ Subcommands::
 
     dasgd run [OPTIONS]        train with one process per node; prints the summary table
     dasgd summary RUN_DIR      print a finished run's table again (--json for the raw summary)
+    dasgd report RUN_DIR...    one self-contained HTML file of tables and figures (-o report.html)
     dasgd topology SPEC        nodes, edges, degrees, diameter, spectral gap of a topology
     dasgd node ...             one node process (started by `dasgd run`, not by hand)
 
@@ -409,6 +410,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a run directory (holds summary.json)")
     p.add_argument("--json", action="store_true", help="print summary.json instead of the table")
     p = sub.add_parser(
+        "report",
+        help="write one self-contained HTML report (tables, curves, staleness) of finished runs",
+        description="One HTML file with every figure embedded: the runs' configurations and "
+        "results, test loss/accuracy of every node against time and gradients, staleness "
+        "histograms, over time and per edge, and S2/tau against the number of nodes. Needs "
+        "matplotlib: pip install 'dasgd[report]'.",
+    )
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="finished run directories")
+    p.add_argument(
+        "-o",
+        "--output",
+        default="report.html",
+        help="the HTML file to write (default: %(default)s)",
+    )
+    p = sub.add_parser(
         "topology", help="describe a topology: nodes, edges, degrees, diameter, spectral gap"
     )
     p.add_argument("spec", help="builder spec or graph file, as for `dasgd run --topology`")
@@ -608,6 +624,17 @@ def _cmd_summary(args) -> int:
     return 0
 
 
+def _cmd_report(args) -> int:
+    from .analysis.report import write_report
+
+    path, figures, notes = write_report(args.run_dirs, args.output)
+    for name, lines in notes.items():
+        for line in lines:
+            print(f"{name}: {line}")
+    print(f"report: {path} ({len(figures)} figures, {len(notes)} runs)")
+    return 0
+
+
 def _cmd_topology(args) -> int:
     from .topology import describe_topology, format_topology, parse_topology
 
@@ -648,6 +675,7 @@ def main(argv: list[str] | None = None) -> int:
         "run": _cmd_run,
         "simulate": _cmd_simulate,
         "summary": _cmd_summary,
+        "report": _cmd_report,
         "topology": _cmd_topology,
         "node": _cmd_node,
         "keys": _cmd_keys,
