@@ -188,7 +188,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--send-every",
         default="n",
-        help="DASGD's b: an int, or n, the authors' recommendation (default: %(default)s)",
+        help="DASGD's b: an int, or n (as in the authors' TensAIR code) (default: %(default)s)",
     )
     p.add_argument(
         "--target-loss", type=float, default=0.15, help="test loss to reach (default: %(default)s)"
