@@ -87,6 +87,7 @@ def scale_case(
         out_dir=out_dir,
         eval_interval_s=None,
         log_interval_s=10.0,
+        record_events=False,  # the simulator's own throughput (events: bench_single_node)
     )
     t = time.perf_counter()
     config, run_dir, context = prepare_run(config, write_shards=False)
@@ -164,6 +165,7 @@ def ttt_case(dataset, algorithm, topology, n, lr, steps, target, out_dir) -> dic
         out_dir=out_dir,
         eval_interval_s=0.05,
         log_interval_s=1.0,
+        record_events=False,  # time to target reads the eval records only
     )
     run_dir, summary = simulate(config, progress=False)
     return {

@@ -2,6 +2,9 @@
 
 Target (from the issue): a single dasgd node's steps/s is at least 0.9 of a
 plain, hand-written numpy SGD loop's on the same MLP and mini-batches.
+Second target (issue 8): the per-event binary logs (on by default; the ``node``
+row above records them) cost at most 3 %: a lone softmax node on digits at
+b = 1, events on against ``record_events=False``, paired and interleaved.
 
 Competitors, run side by side in one process and interleaved: every repetition
 runs ``loop`` and ``node`` back to back, in alternating order, so a slow phase
@@ -74,6 +77,8 @@ from dasgd.ml.data import load_dataset  # noqa: E402
 from dasgd.ml.models import build_model  # noqa: E402
 
 TARGET_RATIO = 0.9
+#: Steps/s with the per-event binary logs on, at least this fraction of off (issue 8).
+EVENTS_TARGET = 0.97
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_single_node.json"
 CLI_TIMEOUT_S = 300.0
 
@@ -546,6 +551,54 @@ def bench_config(ds, hidden, steps: int, args, work: Path) -> dict:
     return result
 
 
+def bench_events_cost(ds, args, work: Path) -> dict:
+    """Cost of the per-event binary logs: a lone softmax node at b = 1, events on and off.
+
+    Target (issue 8): events on run at >= EVENTS_TARGET of events off, paired
+    repetitions in alternating order, as the node/loop comparison.
+    """
+    steps = args.events_steps
+
+    def once(record: bool, rep: int) -> float:
+        config = RunConfig(
+            n_nodes=1,
+            model=ModelConfig(name="softmax", dtype="float64"),
+            train=TrainConfig(
+                optimizer="sgd", lr=args.lr, batch_size=args.batch_size, steps=steps, seed=0
+            ),
+            record_events=record,
+        )
+        driver = make_driver(config, ds, work, f"events-{int(record)}-{rep}")
+        try:
+            t0 = time.perf_counter()
+            driver.run()
+            seconds = time.perf_counter() - t0
+        finally:
+            close_driver(driver, linger_s=0.0)
+        return steps / seconds
+
+    once(True, -1), once(False, -1)  # warm-up
+    on, off = [], []
+    for rep in range(args.reps):
+        for record in (True, False) if rep % 2 == 0 else (False, True):
+            (on if record else off).append(once(record, rep))
+        print(f"  rep {rep + 1}/{args.reps}: steps/s  events on {on[-1]:7.0f}  off {off[-1]:7.0f}")
+    paired = summarize([a / b for a, b in zip(on, off, strict=True)])
+    ok = paired["median"] >= EVENTS_TARGET
+    print(
+        f"softmax/digits, b = 1, batch {args.batch_size}, {steps} steps: events on/off paired "
+        f"{paired['median']:.3f} [{paired['min']:.3f}..{paired['max']:.3f}]  target >= "
+        f"{EVENTS_TARGET}: {'MET' if ok else 'NOT MET'}"
+    )
+    return {
+        "steps": steps,
+        "steps_per_s": {"events_on": summarize(on), "events_off": summarize(off)},
+        "paired_ratio_on_over_off": paired,
+        "target": EVENTS_TARGET,
+        "met": ok,
+    }
+
+
 def print_table(results: list[dict]) -> None:
     print(
         "\nsteps/s (median [min..max]); ratio = median(competitor) / median(loop); "
@@ -630,6 +683,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--no-breakdown", dest="breakdown", action="store_false", help="skip the per-step costs"
     )
+    p.add_argument(
+        "--events-steps",
+        type=int,
+        default=20000,
+        help="steps of the events on/off comparison (softmax, b = 1); 0 skips it "
+        "(default: %(default)s)",
+    )
     p.add_argument("--out", type=Path, default=RESULTS, help="JSON results file")
     args = p.parse_args(argv)
     if len(args.steps) != len(args.hidden):
@@ -658,6 +718,10 @@ def main(argv=None) -> int:
             bench_config(ds, hidden, steps, args, work)
             for hidden, steps in zip(args.hidden, args.steps, strict=True)
         ]
+        events_cost = None
+        if args.events_steps:
+            print("\nper-event binary logs (gradient events) on against off:")
+            events_cost = bench_events_cost(ds, args, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print_table(results)
@@ -672,6 +736,7 @@ def main(argv=None) -> int:
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "dataset": {"name": "digits", "n_train": ds.n_train, "n_features": ds.n_features},
         "results": results,
+        "events_cost": events_cost,
         "wall_s": time.perf_counter() - t_start,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

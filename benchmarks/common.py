@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dasgd.analysis.events import EventRecorder
 from dasgd.analysis.metrics import EventLog, read_events
 from dasgd.build import build_machine
 from dasgd.core import wire
@@ -126,6 +127,8 @@ def in_process_driver(
     event log is open with ``t0`` on :func:`time.monotonic`'s clock. The
     caller connects the transport (``driver.transport.connect``) and closes
     everything with :func:`close_driver`. No evaluator: nothing is evaluated.
+    With ``config.record_events`` (the default, as in real runs) the machine
+    records its gradient and apply events next to the log.
 
     Parameters
     ----------
@@ -165,10 +168,14 @@ def in_process_driver(
     log = None
     try:
         transport.start()
-        log = EventLog(
-            log_path, node_id, flush_interval_s=config.log_interval_s, t0=time.monotonic()
-        ).open()
-        return Driver(machine, config, transport, log, pool)
+        t0 = time.monotonic()
+        log = EventLog(log_path, node_id, flush_interval_s=config.log_interval_s, t0=t0).open()
+        if config.record_events:  # the binary event files next to the log, as node_main writes
+            machine.events = EventRecorder(
+                Path(log_path).parent, Path(log_path).stem, node_id, t0=t0
+            )
+        driver = Driver(machine, config, transport, log, pool)
+        return driver
     except BaseException:
         transport.close(linger_s=0.0)
         if log is not None:
@@ -177,6 +184,8 @@ def in_process_driver(
 
 
 def close_driver(driver, linger_s: float = 1.0) -> None:
-    """Close an in-process benchmark driver's transport and log."""
+    """Close an in-process benchmark driver's transport, log and event files."""
     driver.transport.close(linger_s=linger_s)
     driver.log.close()
+    if driver.events is not None:
+        driver.events.close()

@@ -17,12 +17,51 @@ from .ml.data import BatchSampler, local_steps
 from .ml.models import build_model
 from .ml.optim import build_optimizer, delay_adaptive_lr
 
-__all__ = ["build_machine", "build_run_model", "is_server"]
+__all__ = ["build_machine", "build_recorder", "build_run_model", "is_server"]
 
 
 def is_server(config: RunConfig, node_id: int) -> bool:
     """True for the parameter server's id (``n_nodes``) in a PS run."""
     return config.algorithm != "dasgd" and node_id == config.n_nodes
+
+
+def apply_events_plan(config: RunConfig, shard_sizes) -> tuple[bool, str | None]:
+    """Whether the run's DASGD nodes record apply events, and if not, why (see ``record_applies``)."""
+    from .analysis.events import record_applies
+
+    if not config.record_events or config.algorithm != "dasgd":
+        return False, None
+    steps = [local_steps(config.train, size) for size in shard_sizes]
+    return record_applies(config.n_nodes, steps, config.train.send_every)
+
+
+def build_recorder(
+    config: RunConfig, node_id: int, machine, run_dir, shard_sizes, *, t0: float, chunk_rows=None
+):
+    """Attach an event recorder to ``machine`` (a DASGD node or the PS server) if the run records events.
+
+    Returns
+    -------
+    dasgd.analysis.events.EventRecorder or None
+        None for PS workers (the server records their gradients) and runs
+        with ``record_events`` off.
+    """
+    from .analysis.events import CHUNK_ROWS, EventRecorder
+    from .rundir import process_name
+
+    if not config.record_events or isinstance(machine, PSWorker):
+        return None
+    applies, _ = apply_events_plan(config, shard_sizes)
+    recorder = EventRecorder(
+        run_dir,
+        process_name(config, node_id),
+        node_id,
+        t0=t0,
+        applies=applies,
+        chunk_rows=chunk_rows or CHUNK_ROWS,
+    )
+    machine.events = recorder
+    return recorder
 
 
 def build_run_model(config: RunConfig, n_features: int, n_classes: int):

@@ -316,6 +316,13 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         default=d.eval_interval_s,
         help="seconds between test-set evaluations in the logs; 0 = never (default: %(default)s)",
     )
+    g.add_argument(
+        "--no-events",
+        dest="record_events",
+        action="store_false",
+        help="do not write the per-event binary logs (gradients, delta applications, model "
+        "snapshots); summary.json then lacks S2, S3 and the convergence curves",
+    )
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
@@ -449,6 +456,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         log_interval_s=args.log_interval_s,
         eval_interval_s=args.eval_interval_s or None,
         timeout_s=args.timeout_s,
+        record_events=args.record_events,
     )
 
 

@@ -381,6 +381,11 @@ class RunConfig:
         as ``eval`` records, for loss-against-time curves); None: never.
     timeout_s : float or None
         Deadline of the whole run; None for none.
+    record_events : bool
+        Write the per-event binary logs (every gradient and delta application,
+        model snapshots at evaluations: :mod:`dasgd.analysis.events`) that the
+        virtual-sequence and pairwise staleness and the convergence curves of
+        ``analysis.json`` need. False keeps only the JSONL logs.
     """
 
     n_nodes: int | None = 4
@@ -397,6 +402,7 @@ class RunConfig:
     log_interval_s: float = 0.25
     eval_interval_s: float | None = 1.0
     timeout_s: float | None = None
+    record_events: bool = True
 
     def __post_init__(self) -> None:
         if self.n_nodes is not None:

@@ -31,10 +31,11 @@ import networkx as nx
 import numpy as np
 
 from .analysis.metrics import build_ps_summary, build_summary
+from .analysis.staleness import node_fields, run_fields
 from .config import RunConfig
 from .errors import ConfigError
 
-__all__ = ["prepare_run", "process_name", "write_summary"]
+__all__ = ["prepare_run", "process_name", "write_analysis", "write_summary"]
 
 
 def process_name(config: RunConfig, node_id: int) -> str:
@@ -248,5 +249,33 @@ def write_summary(config: RunConfig, run_dir: Path, context: dict, wall_s: float
     summary["topology"] = meta["topology"]
     summary["model"] = meta["model"]
     summary["emulation"] = meta["emulation"]
+    analysis = write_analysis(config, run_dir, context)
+    summary["run"] |= run_fields(analysis)
+    for node in summary["nodes"]:
+        node |= node_fields(analysis, node["node"])
+    summary["analysis_notes"] = analysis["notes"]
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def write_analysis(config: RunConfig, run_dir: Path, context: dict) -> dict:
+    """Compute the staleness measures and convergence curves and write ``analysis.json``.
+
+    See :func:`dasgd.analysis.staleness.analyze_run`; returns what was written.
+    """
+    from .analysis.staleness import analyze_run
+
+    dataset = context["dataset"]
+    dtype = np.dtype(config.model.dtype)
+    analysis = analyze_run(
+        run_dir,
+        config=config,
+        model=context["model"],
+        n_params=context["x0"].size,
+        X_train=dataset.X_train.astype(dtype, copy=False),
+        y_train=dataset.y_train,
+        X_test=dataset.X_test.astype(dtype, copy=False),
+        y_test=dataset.y_test,
+    )
+    (run_dir / "analysis.json").write_text(json.dumps(analysis) + "\n")
+    return analysis

@@ -133,7 +133,7 @@ def test_the_sealed_base_is_the_vector_read_so_a_receiver_counts_the_wait():
     receiver.advance(0.0)
     receiver.on_message(header0, delta0)
     assert receiver.protocol.last_apply_staleness == 1
-    assert receiver.protocol.summary()["origins"][0]["staleness_avg_steps"] == 1
+    assert receiver.protocol.summary()["origins"][0]["staleness_apply_avg_steps"] == 1
     # without compute time the same arrival precedes the read: base [0, 1], staleness 0
     instant = dasgd_node()
     instant.on_message(header1, delta1)
@@ -309,9 +309,9 @@ def test_ring_with_a_compute_time_straggler_drains_and_its_deltas_are_staler(tmp
     # (The averages are not compared: once the fast nodes have finished, node 1's
     # remaining ~3/4 of deltas have staleness 0, so that every origin's average is
     # about n - 1 = 3, the steps the others take during its windows.)
-    maxima = {k: statistics.mean(v) for k, v in per_origin("staleness_max_steps").items()}
+    maxima = {k: statistics.mean(v) for k, v in per_origin("staleness_apply_max_steps").items()}
     assert maxima[1] > statistics.mean(maxima[k] for k in (0, 2, 3)), maxima
-    counts = per_origin("staleness_count")
+    counts = per_origin("staleness_apply_count")
     assert all(c == [60, 60, 60] for c in counts.values()), counts
 
 

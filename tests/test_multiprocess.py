@@ -76,7 +76,7 @@ def test_ring_of_4_drains_to_equal_models(tmp_path):
     run_dir, summary = run(config(tmp_path), progress=False)
     finals = check_drained_run(run_dir, summary, 4)
     assert summary["run"]["steps"] == 4 * 60
-    assert summary["run"]["staleness_count"] == 3 * 4 * 60  # b = 1: every step is a delta
+    assert summary["run"]["staleness_apply_count"] == 3 * 4 * 60  # b = 1: every step is a delta
     assert summary["run"]["duplicates"] > 0  # flooding on a ring meets itself
     assert {e["src"] for e in summary["edges"] if e["dst"] == 0} == {1, 3}
     # logs: start, interval records over time with staleness, final
@@ -340,7 +340,7 @@ def test_lead_bound_makes_fast_nodes_wait_for_a_straggler(tmp_path):
     assert finals[0]["lead_waits"] > 0 and finals[1]["lead_waits"] > 0
     # with lead bound K on n = 3 nodes, apply staleness is at most 2K + (n - 2) 4K = 24
     # steps (without the bound this run measured S_max 81)
-    assert summary["run"]["staleness_max_steps"] <= 24
+    assert summary["run"]["staleness_apply_max_steps"] <= 24
 
 
 def test_stop_processes_reaps_the_whole_tree(tmp_path):

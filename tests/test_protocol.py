@@ -60,12 +60,12 @@ def test_scripted_reordered_duplicated_deliveries_on_a_path():
     assert n1.duplicates == 1
 
     s = n1.summary()
-    assert s["staleness_count"] == 3
-    assert s["staleness_avg_steps"] == pytest.approx((1 + 2 + 2) / 3)
-    assert s["staleness_max_steps"] == 2
+    assert s["staleness_apply_count"] == 3
+    assert s["staleness_apply_avg_steps"] == pytest.approx((1 + 2 + 2) / 3)
+    assert s["staleness_apply_max_steps"] == 2
     edges = {e["src"]: e for e in s["edges"]}
-    assert edges[2]["staleness_count"] == 2 and edges[2]["staleness_max_steps"] == 2
-    assert edges[0]["staleness_avg_steps"] == 2
+    assert edges[2]["staleness_apply_count"] == 2 and edges[2]["staleness_apply_max_steps"] == 2
+    assert edges[0]["staleness_apply_avg_steps"] == 2
     assert s["applied_deltas_per_origin"] == [1, 0, 2]
 
 
@@ -207,9 +207,9 @@ def test_random_interleavings_every_delta_applied_once_and_models_equal(spec, n,
         # one staleness sample per applied delta; never negative, and bounded by the
         # other nodes' steps
         s = p.summary()
-        assert s["staleness_count"] == sum(expected)
+        assert s["staleness_apply_count"] == sum(expected)
         if n > 1:
-            assert 0 <= s["staleness_max_steps"] <= 7 * (n - 1)
+            assert 0 <= s["staleness_apply_max_steps"] <= 7 * (n - 1)
 
 
 def test_complete_requires_fin_and_all_deltas():

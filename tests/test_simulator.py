@@ -149,7 +149,7 @@ def test_drained_simulation_passes_the_real_runs_checks(tmp_path, topology, send
     assert all(f["deltas_sealed"] == -(-41 // send_every) for f in finals)
     assert summary["emulation"]["latency_s"]["0-1"] == 0.004
     assert finals[3]["slept_s"] > 0 and finals[0]["slept_s"] == 0  # the straggler waited
-    assert summary["run"]["staleness_count"] == 5 * 6 * (-(-41 // send_every))
+    assert summary["run"]["staleness_apply_count"] == 5 * 6 * (-(-41 // send_every))
 
 
 def test_drained_simulation_with_backpressure_on_a_slow_link(tmp_path):
@@ -216,14 +216,14 @@ def _jittered_equal_speed(n, slowdown=""):
 @pytest.mark.parametrize("n", [4, 8])
 def test_dasgd_complete_graph_equal_speeds_s_avg_is_n_minus_1(tmp_path, n):
     _, summary = sim(sim_config(tmp_path, **_jittered_equal_speed(n)))
-    s_avg = summary["run"]["staleness_avg_steps"]
+    s_avg = summary["run"]["staleness_apply_avg_steps"]
     # ALGORITHMS.md §2: a delta from node j applied at node i counts the steps the other n - 1
     # nodes took between j's read and the apply; each takes one step per compute time, so
     # n - 1, plus the chance that one finishes a second step while the delta is delivered
     # (1-4 % of a step here), minus the run's first and last windows (1/steps).
     # Tolerance 5 %; measured 3.005 (n = 4) and 7.06 (n = 8).
     assert s_avg == pytest.approx(n - 1, rel=0.05)
-    assert summary["run"]["staleness_max_steps"] <= 2 * (n - 1)
+    assert summary["run"]["staleness_apply_max_steps"] <= 2 * (n - 1)
 
 
 @pytest.mark.parametrize("n", [4, 8])
@@ -238,7 +238,7 @@ def test_dasgd_constant_compute_time_s_avg_is_n_minus_1(tmp_path, n):
         tmp_path, **dict(_jittered_equal_speed(n), emulation=EmulationConfig(compute_time="0.01"))
     )
     _, summary = sim(cfg)
-    s_avg = summary["run"]["staleness_avg_steps"]
+    s_avg = summary["run"]["staleness_apply_avg_steps"]
     assert n - 1 - 0.2 <= s_avg <= 1.5 * (n - 1)
 
 
@@ -249,11 +249,11 @@ def test_a_straggler_raises_s_max_much_more_than_s_avg(tmp_path, n):
     eq, sl = equal["run"], slow["run"]
     # the straggler's deltas are computed over 8 compute times, during which the n - 1 others
     # take ~8 steps each: staleness ~8 (n - 1) (measured 27 at n = 4, 73 at n = 8) ...
-    assert sl["staleness_max_steps"] >= 7 * (n - 1)
-    assert sl["staleness_max_steps"] >= 5 * eq["staleness_max_steps"]
+    assert sl["staleness_apply_max_steps"] >= 7 * (n - 1)
+    assert sl["staleness_apply_max_steps"] >= 5 * eq["staleness_apply_max_steps"]
     # ... but they are 1/8 of the deltas while all run, and once the fast nodes are done the
     # straggler's steps are stale by nothing: S_avg does not rise (measured 2.3 and 6.2)
-    assert sl["staleness_avg_steps"] <= 1.05 * eq["staleness_avg_steps"]
+    assert sl["staleness_apply_avg_steps"] <= 1.05 * eq["staleness_apply_avg_steps"]
     assert slow["nodes"][n - 1]["train_s"] > 6 * slow["nodes"][0]["train_s"]
 
 

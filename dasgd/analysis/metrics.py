@@ -117,7 +117,11 @@ class EventLog:
 
 
 class Evaluator:
-    """Logs ``eval`` records (test loss and accuracy of a model) at most every ``interval_s``.
+    """Logs ``eval`` records (test loss and accuracy of a model) once per ``interval_s`` of the run clock.
+
+    Evaluations fall on the run clock's multiples of ``interval_s`` (the
+    first call at or after each), the same instants on every node, so models
+    of different nodes are compared at (nearly) the same time.
 
     Parameters
     ----------
@@ -125,7 +129,9 @@ class Evaluator:
     X_test : ndarray of shape (m, d), the model's dtype
     y_test : ndarray of shape (m,), int64
     interval_s : float
-        Least time between two records, in seconds (``force`` overrides it).
+        Seconds of the run clock between two records (``force`` overrides it).
+    snapshots : dasgd.analysis.events.ModelSnapshots, optional
+        Also records the model (or its sketch) at every evaluation.
 
     Attributes
     ----------
@@ -133,19 +139,23 @@ class Evaluator:
         Time spent evaluating so far, in seconds.
     """
 
-    def __init__(self, model, X_test: np.ndarray, y_test: np.ndarray, interval_s: float) -> None:
+    def __init__(
+        self, model, X_test: np.ndarray, y_test: np.ndarray, interval_s: float, snapshots=None
+    ) -> None:
         self.model = model
         self.X_test = X_test
         self.y_test = y_test
         self.interval_s = interval_s
+        self.snapshots = snapshots
         self.eval_s = 0.0
-        self._last_t = -math.inf
+        self._tick = -1
 
     def maybe_log(
         self, log: EventLog, now: float, step: int, params: np.ndarray, *, force: bool = False
     ) -> None:
-        """Evaluate ``params`` and log the record if an interval has passed since the last one (or ``force``)."""
-        if not force and now - self._last_t < self.interval_s:
+        """Evaluate ``params`` and log the record if a new multiple of the interval was reached (or ``force``)."""
+        tick = math.floor((now - log.t0) / self.interval_s)
+        if not force and tick <= self._tick:
             return
         t = time.perf_counter()
         log.log(
@@ -155,7 +165,9 @@ class Evaluator:
             test_loss=self.model.loss(params, self.X_test, self.y_test),
             test_accuracy=self.model.accuracy(params, self.X_test, self.y_test),
         )
-        self._last_t = now
+        if self.snapshots is not None:
+            self.snapshots.take(now, step, params)
+        self._tick = max(tick, self._tick)
         self.eval_s += time.perf_counter() - t
 
 
@@ -202,6 +214,23 @@ def _pooled(stats: list[dict], prefix: str) -> dict:
         f"{prefix}_max_steps": max(maxima) if maxima else None,
         f"{prefix}_count": count,
     }
+
+
+#: Keys of apply staleness (S1) before it was named: kept in summary.json for one release.
+_APPLY_ALIASES = ("avg_steps", "max_steps", "count")
+
+
+def add_apply_aliases(record: dict) -> dict:
+    """Add the old ``staleness_{avg,max}_steps``/``staleness_count`` keys next to ``staleness_apply_*``.
+
+    Deprecated names of S1 (apply staleness), kept for one release so that
+    scripts reading older summaries keep working.
+    """
+    for suffix in _APPLY_ALIASES:
+        new = f"staleness_apply_{suffix}"
+        if new in record:
+            record[f"staleness_{suffix}"] = record[new]
+    return record
 
 
 def per_class_accuracy(
@@ -311,7 +340,7 @@ def build_summary(
         "gradients_per_s": sum(steps) / train_s if train_s > 0 else None,
         "train_s": train_s,
         "wall_s": wall_s,
-        **_pooled(finals, "staleness"),
+        **_pooled(finals, "staleness_apply"),
         **_pooled(finals, "lag"),
         "deltas_sealed": int(sum(sealed)),
         "deltas_applied": int(sum(f["deltas_applied"] for f in finals)),
@@ -324,6 +353,8 @@ def build_summary(
         (edge for f in finals for edge in f["edges"]),
         key=lambda e: (e["src"], e["dst"]),
     )
+    for record in (run, *nodes, *edges):
+        add_apply_aliases(record)
     checks = {
         "exactly_once": bool(exactly_once),
         "all_drained": all(f["drained"] for f in finals),
@@ -443,16 +474,19 @@ def _fmt(value, spec: str = ".2f") -> str:
 def format_summary(summary: dict, *, max_edges: int = 32) -> str:
     """The summary as the plain-text tables printed by ``dasgd run`` / ``dasgd summary``.
 
-    DASGD runs show apply staleness (S) per node; parameter-server runs show
-    the delay tau of each worker's gradients in the same columns.
+    DASGD runs show apply staleness (S1) per node; parameter-server runs show
+    the delay tau of each worker's gradients in the same columns. Both show
+    the virtual-sequence staleness S2 (of the gradients each node computed),
+    which is tau's analogue: the one scale on which they compare.
     """
     run = summary["run"]
     algorithm = run.get("algorithm", "dasgd")
     ps = algorithm != "dasgd"
-    key, label = ("tau", "tau") if ps else ("staleness", "S")
+    key, label = ("tau", "tau") if ps else ("staleness_apply", "S1")
     header = (
         f"{'worker' if ps else 'node':>6} {'test_acc':>8} {'test_loss':>9} {'steps':>7} {'grad/s':>8} "
-        f"{label + '_avg':>7} {label + '_max':>7} {'lag_avg':>7} {'lag_max':>7} {'msgs_out':>8} {'MB_out':>8}"
+        f"{label + '_avg':>7} {label + '_max':>7} {'S2_avg':>7} {'S2_max':>7} "
+        f"{'lag_avg':>7} {'lag_max':>7} {'msgs_out':>8} {'MB_out':>8}"
     )
     lines = [f"algorithm: {algorithm}", header, "-" * len(header)]
 
@@ -461,7 +495,9 @@ def format_summary(summary: dict, *, max_edges: int = 32) -> str:
             f"{name:>6} {_fmt(d.get('test_accuracy', d.get('test_accuracy_mean')), '.4f'):>8} "
             f"{_fmt(d.get('test_loss', d.get('test_loss_mean')), '.4f'):>9} {d['steps']:>7} "
             f"{_fmt(d['gradients_per_s'], '.0f'):>8} {_fmt(d.get(key + '_avg_steps')):>7} "
-            f"{_fmt(d.get(key + '_max_steps'), 'd'):>7} {_fmt(d.get('lag_avg_steps')):>7} "
+            f"{_fmt(d.get(key + '_max_steps'), 'd'):>7} "
+            f"{_fmt(d.get('staleness_virtual_avg_steps')):>7} "
+            f"{_fmt(d.get('staleness_virtual_max_steps'), 'd'):>7} {_fmt(d.get('lag_avg_steps')):>7} "
             f"{_fmt(d.get('lag_max_steps'), 'd'):>7} {d['msgs_out']:>8} {d['bytes_out'] / 1e6:>8.2f}"
         )
 
@@ -496,11 +532,11 @@ def format_summary(summary: dict, *, max_edges: int = 32) -> str:
     ]
     edges = summary["edges"]
     if edges:
-        lines += ["", f"{'edge':>9} {'S_avg':>6} {'S_max':>6} {'lag_avg':>7} {'lag_max':>7}"]
+        lines += ["", f"{'edge':>9} {'S1_avg':>6} {'S1_max':>6} {'lag_avg':>7} {'lag_max':>7}"]
         for e in edges[:max_edges]:
             lines.append(
-                f"{e['src']:>4}->{e['dst']:<4} {_fmt(e['staleness_avg_steps']):>6} "
-                f"{_fmt(e['staleness_max_steps'], 'd'):>6} {_fmt(e['lag_avg_steps']):>7} "
+                f"{e['src']:>4}->{e['dst']:<4} {_fmt(e['staleness_apply_avg_steps']):>6} "
+                f"{_fmt(e['staleness_apply_max_steps'], 'd'):>6} {_fmt(e['lag_avg_steps']):>7} "
                 f"{_fmt(e['lag_max_steps'], 'd'):>7}"
             )
         if len(edges) > max_edges:

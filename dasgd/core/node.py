@@ -96,6 +96,9 @@ class DasgdNode:
         Of the version vectors (see :class:`NodeProtocol`).
     lag_every : int
         Model-lag sampling (see :class:`NodeProtocol`).
+    events : dasgd.analysis.events.EventRecorder, optional
+        Told every gradient (read and update times, c_g) and every applied
+        delta (stamped with the recorder's ``now``, which the driver sets).
 
     Attributes
     ----------
@@ -137,8 +140,10 @@ class DasgdNode:
         new_buffer=None,
         vv_dtype=np.int64,
         lag_every: int = 1,
+        events=None,
     ) -> None:
         self.node_id = node_id
+        self.events = events
         self.neighbours = sorted(neighbours)
         self.n_nodes = n_nodes
         self.model = model
@@ -176,6 +181,8 @@ class DasgdNode:
         self.open_delta = self.new_buffer()
         self._grad = np.empty(self.n_params, dtype=self.dtype)
         self._update: np.ndarray | None = None  # the change of the step in flight
+        self._read_t = 0.0  # when the step in flight read the model, and c_g of that model
+        self._read_gradients = 0
         self._compute_end = 0.0
         self.phase = "ready"  # ready -> computing -> ready ... -> draining -> done
         self.deltas_dropped = 0
@@ -230,6 +237,14 @@ class DasgdNode:
             wire.check_finite_array(header, payload)  # only for deltas that will be applied
         apply, forward = protocol.receive(header)
         if apply:
+            if self.events is not None:
+                self.events.apply(
+                    header.origin,
+                    header.sender,
+                    header.steps,
+                    header.seq,
+                    protocol.last_apply_staleness,
+                )
             if self.delay_scale is None:
                 self.params += payload
             else:  # extension: scale by apply staleness (models then differ between nodes)
@@ -285,7 +300,7 @@ class DasgdNode:
         if self.phase == "computing":
             if now < self._compute_end:
                 return _NOTHING, self._compute_end
-            sends = self._end_step()
+            sends = self._end_step(now)
             self.phase = "ready"
         if self.phase == "ready":
             if self.t_start is None:
@@ -305,13 +320,13 @@ class DasgdNode:
                 ):
                     self.backlog_waits += 1
                     return sends, WAIT_BACKLOG
-                duration_s = self._begin_step()
+                duration_s = self._begin_step(now)
                 if duration_s > 0:
                     self.compute_s += duration_s
                     self._compute_end = now + duration_s
                     self.phase = "computing"
                     return sends, self._compute_end
-                end = self._end_step()
+                end = self._end_step(now)
                 return (end if not sends else [*sends, *end]), CONTINUE
         # draining
         announce = self.protocol.announce_complete()
@@ -323,9 +338,11 @@ class DasgdNode:
             return sends, DONE
         return sends, WAIT_DRAIN
 
-    def _begin_step(self) -> float:
+    def _begin_step(self, now: float) -> float:
         """Read the model, compute the gradient and the update; return the emulated seconds it takes."""
         self.protocol.read_model()
+        self._read_t = now
+        self._read_gradients = self.protocol.vv_total
         self.gradients_computed += 1
         idx = self.sampler.next_batch()
         loss, _ = self.model.loss_and_grad(self.params, self.X[idx], self.y[idx], out=self._grad)
@@ -339,11 +356,13 @@ class DasgdNode:
         duration_s = self.compute_time.sample() if self.compute_time is not None else 0.0
         return duration_s + self.slowdown.take()
 
-    def _end_step(self):
+    def _end_step(self, now: float):
         """Add the update to the model and the open delta; seal every ``send_every`` steps."""
         update = self._update
         self.params += update
         self._update = None
+        if self.events is not None:
+            self.events.gradient(self.step + 1, self._read_t, now, self._read_gradients)
         if self.alone:  # plain SGD: no delta to keep (delta_sum is params - x0 at the end)
             self.protocol.local_step()
             return _NOTHING

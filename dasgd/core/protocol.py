@@ -190,6 +190,7 @@ class NodeProtocol:
         self.dtype = dtype
         self.lag_every = lag_every
         self.vv = np.zeros(n_nodes, dtype=vv_dtype)
+        self.vv_total = 0  # sum of vv, kept up to date (a gradient's c_g, ALGORITHMS.md §2)
         self._window_base = self.vv.copy()
         self._window_steps = 0
         self._base_taken = False
@@ -245,6 +246,7 @@ class NodeProtocol:
         """
         if self.finished:
             raise RuntimeError("local_step() after finish()")
+        self.vv_total += 1
         if not self.neighbours:  # a lone node: plain SGD, nothing to seal or send
             self.vv[self.node_id] += 1
             return None
@@ -390,6 +392,7 @@ class NodeProtocol:
         self.last_apply_staleness = staleness_steps
         self.staleness.record_apply(origin, sender, staleness_steps)
         self.vv[origin] += header.steps
+        self.vv_total += header.steps
         self.applied_deltas[origin] += 1
         self._mark_seen(origin, header.seq)
         return True, self._relay(header)

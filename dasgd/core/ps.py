@@ -308,6 +308,9 @@ class PSServer(_Role):
         self.t_start: float | None = None
         self.t_end: float | None = None
         self._workers = tuple(range(n_workers))
+        #: dasgd.analysis.events.EventRecorder or None: told every gradient received (the
+        #: driver sets its ``now``), with tau and c_g, for the virtual-sequence staleness
+        self.events = None
 
     @property
     def progress_step(self) -> int:
@@ -381,6 +384,15 @@ class PSServer(_Role):
         self._interval_tau.add(tau)
         self.tau_per_worker[worker].add(tau)
         self.gradients_per_worker[worker] += 1
+        if self.events is not None:  # c_g: gradients in the model the worker read
+            self.events.gradient(
+                self.gradients_per_worker[worker],
+                math.nan,
+                self.events.now,
+                self.version - tau,
+                node=worker,
+                tau_steps=tau,
+            )
 
     def _collect(self, header: Header, grad) -> tuple:
         w = header.sender
@@ -392,6 +404,15 @@ class PSServer(_Role):
         self._pending.discard(w)
         self.tau_per_worker[w].add(0)
         self.gradients_per_worker[w] += 1
+        if self.events is not None:  # the model of round r holds r * n gradients
+            self.events.gradient(
+                self.gradients_per_worker[w],
+                math.nan,
+                self.events.now,
+                self.version * self.n_workers,
+                node=w,
+                tau_steps=0,
+            )
         if self._pending:
             return _NOTHING
         self._step_sum /= self.n_workers

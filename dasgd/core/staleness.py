@@ -152,7 +152,7 @@ class StalenessTracker:
     def interval(self) -> dict:
         """Statistics since the previous call (for the interval log records), then reset."""
         out = {
-            **self._interval_staleness.as_dict("staleness"),
+            **self._interval_staleness.as_dict("staleness_apply"),
             **self._interval_lag.as_dict("lag"),
         }
         self._interval_staleness = RunningStat()
@@ -162,14 +162,14 @@ class StalenessTracker:
     def summary(self, *, per_origin: bool = True) -> dict:
         """Whole-run statistics: overall, per incoming edge and (if ``per_origin``) per origin."""
         out = {
-            **self.staleness.as_dict("staleness"),
+            **self.staleness.as_dict("staleness_apply"),
             **self.lag.as_dict("lag"),
             **self.loose_lag.as_dict("loose_lag"),
             "edges": [
                 {
                     "src": u,
                     "dst": self.node_id,
-                    **self.edge_staleness[u].as_dict("staleness"),
+                    **self.edge_staleness[u].as_dict("staleness_apply"),
                     **self.edge_lag[u].as_dict("lag"),
                 }
                 for u in sorted(self.edge_staleness)
@@ -180,9 +180,9 @@ class StalenessTracker:
         out["origins"] = [
             {
                 "origin": k,
-                "staleness_avg_steps": int(total) / int(count) if count else None,
-                "staleness_max_steps": int(mx) if count else None,
-                "staleness_count": int(count),
+                "staleness_apply_avg_steps": int(total) / int(count) if count else None,
+                "staleness_apply_max_steps": int(mx) if count else None,
+                "staleness_apply_count": int(count),
             }
             for k, (count, total, mx) in enumerate(
                 zip(self.origin_count, self.origin_total, self.origin_max, strict=True)

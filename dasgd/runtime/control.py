@@ -7,7 +7,8 @@ process connects a DEALER. Every message is one msgpack map (never pickled):
 kind          direction                  fields
 ============  =========================  ==============================================
 ``ready``     node -> launcher           ``node``, ``address`` (its bound inbox), ``pid``
-``start``     launcher -> node           ``addresses`` (node id as str -> inbox address)
+``start``     launcher -> node           ``addresses`` (node id as str -> inbox address),
+                                         ``t0_unix_s`` (the run clock's origin, wall clock)
 ``progress``  node -> launcher           ``node`` and the fields of an ``interval`` record
 ``done``      node -> launcher           ``node``
 ``error``     node -> launcher           ``node``, ``message`` (one line)

@@ -154,7 +154,7 @@ class _Progress:
 
         postfix = {
             "loss": mean("loss"),
-            "S_avg": mean("staleness_avg_steps"),
+            "S1_avg": mean("staleness_apply_avg_steps"),
             "lag": mean("lag_avg_steps"),
         }
         if self.server_id is not None:
@@ -304,7 +304,11 @@ def run(config: RunConfig, *, progress: bool = True) -> tuple[Path, dict]:
                     f"node(s) {missing} not ready within {tc.ready_timeout_s:.0f} s (--ready-timeout-s); stderr in {run_dir}"
                 )
         start = control_messages.pack(
-            {"kind": "start", "addresses": {str(k): v for k, v in addresses.items()}}
+            {
+                "kind": "start",
+                "addresses": {str(k): v for k, v in addresses.items()},
+                "t0_unix_s": time.time(),  # the run clock's origin, shared by every process
+            }
         )
         for i in range(n_procs):
             control.send_multipart([identities[i], start])

@@ -27,8 +27,9 @@ from pathlib import Path
 import numpy as np
 import zmq
 
+from ..analysis.events import ModelSnapshots
 from ..analysis.metrics import Evaluator, EventLog
-from ..build import build_machine, is_server
+from ..build import build_machine, build_recorder, is_server
 from ..config import RunConfig, run_config_from_dict
 from ..core import wire
 from ..core.actions import CONTINUE, DONE, WAIT_BACKLOG, WAIT_DRAIN, WAIT_LEAD
@@ -168,6 +169,7 @@ class Driver:
         self._decode_finite = config.transport.check_finite and not isinstance(machine, DasgdNode)
         self._waited_s = 0.0
         self._interval_t = 0.0
+        self.events = getattr(machine, "events", None)  # stamped with the time of each message
 
     # -- messages ------------------------------------------------------------
     def _send(self, out, received=None, frame=None) -> None:
@@ -194,6 +196,8 @@ class Driver:
                 n_params=self._n_params,
                 check_finite=self._decode_finite,
             )
+            if self.events is not None:
+                self.events.now = time.monotonic()
             outs = machine.on_message(header, payload)
         except WireError as exc:
             self.malformed += 1
@@ -416,6 +420,7 @@ class Driver:
             **fields,
             eval_s=self.evaluator.eval_s if self.evaluator else 0.0,
             malformed=self.malformed,
+            **(self.events.counts if self.events is not None else {}),
             **self.transport.counters(),
         )
 
@@ -497,6 +502,7 @@ def node_main(run_dir: str, node_id: int, control_address: str) -> int:
     control_sock.connect(control_address)
     driver = None
     transport = None
+    recorder = None
 
     def on_term(signum, frame):
         if driver is not None:
@@ -535,15 +541,29 @@ def node_main(run_dir: str, node_id: int, control_address: str) -> int:
         addresses = {int(k): v for k, v in start["addresses"].items()}
         transport.connect({u: addresses[u] for u in neighbours})
         name = process_name(config, node_id)
-        t0 = time.monotonic()
+        # the run clock: seconds since the launcher said start, the same in every process
+        t0_unix_s = float(start.get("t0_unix_s", time.time()))
+        t0 = time.monotonic() - (time.time() - t0_unix_s)
+        recorder = build_recorder(config, node_id, machine, run_dir, meta["shard_sizes"], t0=t0)
+        if recorder is not None:
+            if evaluator is not None:
+                evaluator.snapshots = ModelSnapshots(
+                    run_dir,
+                    name,
+                    machine.n_params,
+                    machine.dtype,
+                    seed=config.train.seed,
+                    t0=t0,
+                )
         with EventLog(
             run_dir / f"{name}.jsonl", node_id, flush_interval_s=config.log_interval_s, t0=t0
         ) as log:
             driver = Driver(machine, config, transport, log, pool, evaluator)
             log.log(
-                t0,
+                time.monotonic(),
                 "start",
                 0,
+                t0_unix_s=t0_unix_s,
                 neighbours=neighbours,
                 n_params=machine.n_params,
                 address=address,
@@ -572,6 +592,8 @@ def node_main(run_dir: str, node_id: int, control_address: str) -> int:
             pass
         return 1
     finally:
+        if recorder is not None:  # what was recorded survives an error
+            recorder.flush()
         if transport is not None:
             transport.close(linger_s=1.0)
         control_sock.close(linger=1000)

@@ -47,8 +47,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..analysis.events import CHUNK_ROWS, ModelSnapshots
 from ..analysis.metrics import Evaluator, EventLog
-from ..build import build_machine, build_run_model, is_server
+from ..build import build_machine, build_recorder, build_run_model, is_server
 from ..config import RunConfig
 from ..core.actions import CONTINUE, DONE, WAIT_BACKLOG, WAITS
 from ..core.node import DasgdNode
@@ -146,6 +147,7 @@ class _Node:
         "grad_cost_s",
         "uplink_queue",
         "uplink_bytes",
+        "events",
     )
 
     def __init__(self, node_id: int, machine) -> None:
@@ -165,6 +167,7 @@ class _Node:
         self.grad_cost_s = 0.0
         self.uplink_queue: deque = deque()  # (time its last byte leaves, size) per queued message
         self.uplink_bytes = 0
+        self.events = None  # the machine's EventRecorder, if it records events
 
     def uplink_backlog(self, t: float) -> tuple[int, int]:
         """Messages and bytes not yet on the wire at time ``t`` (backpressure)."""
@@ -309,6 +312,16 @@ class Simulation:
                 model=self.model,
             )
             node = _Node(i, machine)
+            # thousands of nodes buffer events at once: keep each buffer small
+            node.events = build_recorder(
+                config,
+                i,
+                machine,
+                run_dir,
+                meta["shard_sizes"],
+                t0=0.0,
+                chunk_rows=max(64, min(CHUNK_ROWS, 4_000_000 // self.n_procs)),
+            )
             node.grad_cost_s = costs.gradient_fixed_s + costs.gradient_s_per_unit * (
                 config.train.batch_size * machine.n_params
             )
@@ -316,8 +329,13 @@ class Simulation:
             node.log = _SimLog(run_dir / f"{name}.jsonl", i, flush_interval_s=float("inf"), t0=0.0)
             wants_eval = not ps or is_server(config, i)
             if config.eval_interval_s is not None and wants_eval:
+                snapshots = None
+                if config.record_events:
+                    snapshots = ModelSnapshots(
+                        run_dir, name, machine.n_params, dtype, seed=config.train.seed
+                    )
                 node.evaluator = Evaluator(
-                    self.model, X_test, dataset.y_test, config.eval_interval_s
+                    self.model, X_test, dataset.y_test, config.eval_interval_s, snapshots
                 )
             self.nodes.append(node)
             self.neighbours.append(nbrs)
@@ -385,11 +403,14 @@ class Simulation:
             # arrives meanwhile joins the inbox before the host is free again
             cost = 0.0
             message_s, byte_s, vv_s = costs.message_s, costs.byte_s, costs.vv_entry_s
+            events = node.events
             while inbox:
                 header, payload, size = inbox.popleft()
                 cost += message_s + vv_s * (header.sender_vv.size + header.base_vv.size)
                 if payload is not None:
                     cost += byte_s * payload.nbytes
+                if events is not None:  # applied once handled
+                    events.now = t + cost
                 try:
                     outs = machine.on_message(header, payload)
                 except WireError:  # as the runtime: counted and dropped (never expected here)
@@ -577,9 +598,12 @@ class Simulation:
                 **fields,
                 eval_s=node.evaluator.eval_s if node.evaluator else 0.0,
                 malformed=0,
+                **(node.events.counts if node.events is not None else {}),
                 **node.counters(),
             )
             node.log.close()
+            if node.events is not None:
+                node.events.flush()
 
 
 def simulate(
@@ -627,6 +651,8 @@ def simulate(
     finally:  # a diverged or stalled simulation keeps what its nodes logged
         for node in sim.nodes:
             node.log.flush()
+            if node.events is not None:
+                node.events.flush()
     loop_s = time.perf_counter() - t_loop
     if sim.truncated:
         raise SimulationStalled(
