@@ -12,7 +12,10 @@ are printed in the table):
   with the link latency and with b (Tosi & Theobald's bound: O(sigma eps^-2)
   + O(Q S_avg eps^-3/2) + O(S_avg eps^-1)).
 - C4 DASGD: one 8x straggler raises S_max, and the apply staleness S1 of its
-  own deltas, far more than S_avg (by a factor of 3 or more).
+  own deltas, far more than S_avg (by a factor of 3 or more). Every node
+  takes the same number of steps, so the straggler goes on alone after the
+  others stop, with deltas stale by nothing: its deltas' S1 is averaged over
+  those it sent while all nodes trained (the whole-run figure is printed too).
 - C5 ps-async with one 16x straggler: the delay-adaptive step (Eq. 11,
   ``--delay-rule inverse`` and ``drop``) against none: diverges at no step
   size where none converges, and reaches the target sooner.
@@ -27,7 +30,8 @@ are printed in the table):
 Engines. ``sim``: :func:`dasgd.sim.simulate` (virtual time, default
 :class:`~dasgd.sim.SimCosts`); seconds are virtual. ``real``:
 :func:`dasgd.runtime.launch.run`, one process per node (and one server) on
-this machine, ipc sockets; seconds are each process's training clock. Both
+this machine, ipc sockets; seconds are on the run clock (since the launcher's
+start, common to all processes). Both
 use emulated compute time (``--compute-time``, a sleep per gradient, default
 4 ms, times a node's ``--slowdown``) so that real node processes do not
 compete for this machine's cores; a real row whose node processes reached
@@ -35,9 +39,9 @@ less than 80 % of the nominal gradients/s is marked CPU-bound.
 
 Data and model: digits (scikit-learn, standardized), softmax regression,
 float64, batch 32 per gradient; every run gets the same budget of gradients
-(3,200 in the simulator, 1,600 with ``--quick``; 800 in real runs:
-``steps`` per node = budget / n; ps-sync: rounds). Time to target: the first eval record at or below
-``--target-loss`` (0.2): for ps-async/ps-sync the server's model, for DASGD
+(3,200 in the simulator, 1,600 with ``--quick``; 800 in real runs: ``steps``
+per node = budget / n; ps-sync: rounds). Time to target: the first
+evaluation at or below ``--target-loss`` (0.2): for ps-async/ps-sync the server's model, for DASGD
 the mean over nodes of each node's latest eval test loss (node models, every
 5 ms). Learning rates: every algorithm and setting takes its own best
 learning rate of the same grid (0.03, 0.1, 0.3, 1.0; C7, whose AMSGrad needs
@@ -273,9 +277,9 @@ def straggler_phase(run_dir: Path, summary: dict, factors: list[float]) -> dict 
     Every node takes ``steps`` local steps, so a straggler goes on alone after
     the others have stopped, and its deltas of that phase are stale by nothing;
     this tells how many of its steps were taken before the last other node
-    stopped (``others_end_s``: the largest ``train_s`` of the others, on the
-    common clock of a simulation, on each process's own clock in a real run).
-    None without a straggler.
+    stopped (``others_end_s``: the largest ``train_s`` of the others; every
+    process starts training at the run clock's origin). None without a
+    straggler.
     """
     slow = max(range(len(factors)), key=factors.__getitem__)
     if factors[slow] <= 1:
@@ -1070,12 +1074,14 @@ def plot(rows: list[dict], target: float, path: Path) -> bool:
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
     for ax, panel in zip(axes[0], panels, strict=True):
         for label, curve in panel["curves"].items():
-            if curve:
-                t, _, loss = zip(*curve, strict=True)
+            points = [(t, loss) for t, _, loss in curve if t > 0]
+            if points:
+                t, loss = zip(*points, strict=True)
                 ax.plot(t, loss, label=label, linewidth=1)
         ax.axhline(target, color="grey", linestyle=":", linewidth=1)
         ax.set_title(panel["title"], fontsize=8)
         ax.set_xlabel("virtual s (seed 0)")
+        ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_ylim(0.08, 3)
         ax.legend(fontsize=7)
