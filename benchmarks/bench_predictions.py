@@ -67,7 +67,7 @@ PENDING, never PASS. Times to target are quantized by the evaluation interval
 Usage::
 
     python benchmarks/bench_predictions.py --quick   # 1 seed, few real runs (~2 min here)
-    python benchmarks/bench_predictions.py           # full (~10 min here)
+    python benchmarks/bench_predictions.py           # full (11-15 min here, busy machine)
     python benchmarks/bench_predictions.py --only C1,C4 --no-real
 
 Writes ``benchmarks/results/bench_predictions.json`` (every run's figures,
