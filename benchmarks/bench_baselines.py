@@ -37,9 +37,6 @@ from pathlib import Path
 for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
-import numpy as np  # noqa: E402
-
-from dasgd.analysis.metrics import read_events  # noqa: E402
 from dasgd.config import (  # noqa: E402
     DataConfig,
     EmulationConfig,
@@ -50,35 +47,10 @@ from dasgd.config import (  # noqa: E402
 )
 from dasgd.runtime.launch import run  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import loss_curve, to_target  # noqa: E402
+
 ALGORITHMS = ("dasgd", "ps-async", "ps-sync")
-
-
-def loss_curve(run_dir: Path, algorithm: str, n: int) -> list[tuple[float, int, float]]:
-    """(t_s, gradients so far, test loss) over time, from the eval records."""
-    if algorithm != "dasgd":  # the server's step is its version: gradients (async) or rounds (sync)
-        per_step = n if algorithm == "ps-sync" else 1
-        return [
-            (r["t_s"], r["step"] * per_step, r["test_loss"])
-            for r in read_events(run_dir / "server.jsonl", "eval")
-        ]
-    events = sorted(
-        (r["t_s"], r["node"], r["step"], r["test_loss"])
-        for i in range(n)
-        for r in read_events(run_dir / f"node-{i}.jsonl", "eval")
-    )
-    latest_loss, latest_step, curve = {}, {}, []
-    for t, node, step, loss in events:
-        latest_loss[node], latest_step[node] = loss, step
-        if len(latest_loss) == n:
-            curve.append((t, sum(latest_step.values()), float(np.mean(list(latest_loss.values())))))
-    return curve
-
-
-def to_target(curve, target: float):
-    for t, grads, loss in curve:
-        if loss <= target:
-            return t, grads
-    return None, None
 
 
 def one_run(
@@ -216,7 +188,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--send-every",
         default="n",
-        help="DASGD's b: an int, or n, the authors' recommendation (default: %(default)s)",
+        help="DASGD's b: an int, or n (as in the authors' TensAIR code) (default: %(default)s)",
     )
     p.add_argument(
         "--target-loss", type=float, default=0.15, help="test loss to reach (default: %(default)s)"

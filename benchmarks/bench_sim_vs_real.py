@@ -79,7 +79,7 @@ from dasgd.sim import simulate  # noqa: E402
 from dasgd.sim.simulator import SimCosts  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, report_load  # noqa: E402
+from common import machine_info, nominal_s, report_load  # noqa: E402
 
 TARGET = 0.20
 #: A real run whose nodes use more than this fraction of the machine's cores is CPU-bound.
@@ -215,20 +215,6 @@ def run_sim(cfg: RunConfig, straggler: bool, costs: SimCosts) -> dict:
     out["sim_real_s"] = time.perf_counter() - t
     out["host_s"] = sim_host_s(summary, costs)
     return out
-
-
-def nominal_s(spec: str) -> float:
-    """The mean emulated seconds per gradient of a compute-time spec."""
-    from dasgd.core.emulation import parse_compute_time
-
-    p = parse_compute_time(spec)
-    return {
-        "none": 0.0,
-        "constant": p.get("seconds"),
-        "exponential": p.get("mean"),
-        "uniform": (p.get("low", 0) + p.get("high", 0)) / 2,
-        "lognormal": p.get("median", 0) * np.exp(p.get("sigma", 0) ** 2 / 2),
-    }[p["kind"]] or float("nan")
 
 
 def jitter_spec(spec: str, jitter: float) -> str | None:

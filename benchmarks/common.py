@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: statistics over repetitions, a description of the machine, in-process drivers.
+"""What the benchmark scripts share: statistics over repetitions, a description of the machine,
+loss curves and time to target from a run directory, in-process drivers.
 
 The scripts run as ``python benchmarks/<script>.py``, so this module is
 imported from the scripts' own directory.
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from dasgd.analysis.events import EventRecorder
-from dasgd.analysis.metrics import EventLog
+from dasgd.analysis.metrics import EventLog, read_events
 from dasgd.build import build_machine
 from dasgd.core import wire
 from dasgd.runtime.node import BufferPool, Driver, queue_limit_msgs
@@ -52,6 +53,58 @@ def report_load(load_before: float) -> float:
         + ("  (the machine was busy: figures are noisy)" if load_before > 1.0 else "")
     )
     return load_after
+
+
+def loss_curve(run_dir, algorithm: str, n: int) -> list[tuple[float, int, float]]:
+    """(t_s, gradients so far, test loss) of a run over time, from its ``eval`` records.
+
+    Parameter-server runs (``ps-async``, ``ps-sync``): the server's model;
+    gradients so far are the server's step (ps-async: gradients applied) or
+    its rounds times n (ps-sync). DASGD: the mean over nodes of each node's
+    latest test loss (a point once every node has evaluated), with the sum of
+    the steps those evaluations were taken at. ``t_s`` is each process's own
+    training clock (virtual seconds in a simulation).
+    """
+    run_dir = Path(run_dir)
+    if algorithm != "dasgd":  # the server's step is its version: gradients (async) or rounds (sync)
+        per_step = n if algorithm == "ps-sync" else 1
+        return [
+            (r["t_s"], r["step"] * per_step, r["test_loss"])
+            for r in read_events(run_dir / "server.jsonl", "eval")
+        ]
+    events = sorted(
+        (r["t_s"], r["node"], r["step"], r["test_loss"])
+        for i in range(n)
+        for r in read_events(run_dir / f"node-{i}.jsonl", "eval")
+    )
+    latest_loss, latest_step, curve = {}, {}, []
+    for t, node, step, loss in events:
+        latest_loss[node], latest_step[node] = loss, step
+        if len(latest_loss) == n:
+            curve.append((t, sum(latest_step.values()), float(np.mean(list(latest_loss.values())))))
+    return curve
+
+
+def to_target(curve, target: float) -> tuple[float | None, int | None]:
+    """(t_s, gradients) of the first point of a :func:`loss_curve` at or below ``target``; (None, None) if never."""
+    for t, grads, loss in curve:
+        if loss is not None and loss <= target:
+            return t, grads
+    return None, None
+
+
+def nominal_s(spec: str) -> float:
+    """The mean emulated seconds per gradient of a ``--compute-time`` spec (nan for none)."""
+    from dasgd.core.emulation import parse_compute_time
+
+    p = parse_compute_time(spec)
+    return {
+        "none": 0.0,
+        "constant": p.get("seconds"),
+        "exponential": p.get("mean"),
+        "uniform": (p.get("low", 0) + p.get("high", 0)) / 2,
+        "lognormal": p.get("median", 0) * np.exp(p.get("sigma", 0) ** 2 / 2),
+    }[p["kind"]] or float("nan")
 
 
 def in_process_driver(
