@@ -38,6 +38,7 @@ row, which the readers drop.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -197,28 +198,18 @@ class EventRecorder:
         self._grad_rows = self._gradients.rows
         self._apply_rows = self._applies.rows
 
-    def gradient(
-        self,
-        step: int,
-        t_start: float,
-        t_end: float,
-        model_gradients: int,
-        *,
-        node: int | None = None,
-        tau_steps: int = -1,
-    ) -> None:
-        """One gradient: times on the driver's clock (``t_start`` may be NaN)."""
+    def gradient(self, step: int, t_start: float, t_end: float, model_gradients: int) -> None:
+        """One gradient of this node: read and update times on the driver's clock, c_g."""
         rows = self._grad_rows
-        rows.append(
-            (
-                self.node_id if node is None else node,
-                step,
-                t_start - self.t0,
-                t_end - self.t0,
-                model_gradients,
-                tau_steps,
-            )
-        )
+        t0 = self.t0
+        rows.append((self.node_id, step, t_start - t0, t_end - t0, model_gradients, -1))
+        if len(rows) >= self.chunk_rows:
+            self._gradients.flush()
+
+    def server_gradient(self, worker: int, step: int, model_gradients: int, tau_steps: int) -> None:
+        """One gradient the parameter server received from ``worker`` at :attr:`now`, with its delay."""
+        rows = self._grad_rows
+        rows.append((worker, step, math.nan, self.now - self.t0, model_gradients, tau_steps))
         if len(rows) >= self.chunk_rows:
             self._gradients.flush()
 

@@ -361,8 +361,8 @@ class DasgdNode:
         update = self._update
         self.params += update
         self._update = None
-        if self.events is not None:
-            self.events.gradient(self.step + 1, self._read_t, now, self._read_gradients)
+        if self.events is not None:  # steps are sequential: this is gradient number `computed`
+            self.events.gradient(self.gradients_computed, self._read_t, now, self._read_gradients)
         if self.alone:  # plain SGD: no delta to keep (delta_sum is params - x0 at the end)
             self.protocol.local_step()
             return _NOTHING

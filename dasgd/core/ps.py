@@ -385,13 +385,8 @@ class PSServer(_Role):
         self.tau_per_worker[worker].add(tau)
         self.gradients_per_worker[worker] += 1
         if self.events is not None:  # c_g: gradients in the model the worker read
-            self.events.gradient(
-                self.gradients_per_worker[worker],
-                math.nan,
-                self.events.now,
-                self.version - tau,
-                node=worker,
-                tau_steps=tau,
+            self.events.server_gradient(
+                worker, self.gradients_per_worker[worker], self.version - tau, tau
             )
 
     def _collect(self, header: Header, grad) -> tuple:
@@ -405,13 +400,8 @@ class PSServer(_Role):
         self.tau_per_worker[w].add(0)
         self.gradients_per_worker[w] += 1
         if self.events is not None:  # the model of round r holds r * n gradients
-            self.events.gradient(
-                self.gradients_per_worker[w],
-                math.nan,
-                self.events.now,
-                self.version * self.n_workers,
-                node=w,
-                tau_steps=0,
+            self.events.server_gradient(
+                w, self.gradients_per_worker[w], self.version * self.n_workers, 0
             )
         if self._pending:
             return _NOTHING
