@@ -3,11 +3,18 @@
 dasgd's runtime owns one flat numpy vector ``params`` of shape ``(n_params,)``
 per node and adds local updates and received deltas to it in place
 (ALGORITHMS.md §1). :class:`TorchModel` computes the loss and its gradient of a
-PyTorch module *at that vector*: the module's parameters are replaced, for each
-call, by views into ``params`` (``torch.from_numpy``: no copy) through
-:func:`torch.func.functional_call`, and the gradient is accumulated by autograd
-straight into views of the caller's ``out`` vector. Nothing is copied between
-numpy and torch on the hot path when the vector is C-contiguous and writeable.
+PyTorch module *at that vector*: each parameter's ``.data`` is a view of its
+slice of ``params`` (``torch.from_numpy``: shared memory, no copy), and each
+parameter's ``.grad`` a view of its slice of the caller's ``out`` vector, into
+which autograd accumulates. Nothing is copied between numpy and torch on the
+hot path when the vectors are C-contiguous and writeable, and the views are
+made once per vector (the runtime passes the same buffers at every step).
+
+Why views bound as ``.data`` rather than :func:`torch.func.functional_call`
+(which swaps views in and out of the module on every call): the swapping
+cost about 40-60 us per call for a two-layer MLP on these machines, 15-20 %
+of a small model's step (``benchmarks/bench_single_node.py``, section
+"PyTorch", measures the result against a plain PyTorch loop).
 
 A model is named by a spec ``torch:MODULE:FACTORY`` (``--model`` on the
 command line), where ``MODULE`` is an importable module (dotted path) and
@@ -80,9 +87,6 @@ from ..errors import ConfigError
 from .models import TORCH_PREFIX, Model
 
 __all__ = ["TORCH_PREFIX", "TorchModel", "import_root", "load_factory", "spec_of"]
-
-#: Parameter vectors whose views a model keeps (oldest dropped), as the numpy models do.
-_MAX_CACHED_VIEWS = 4
 
 _FORMAT = "torch:MODULE:FACTORY, e.g. torch:mymodels:make_cnn"
 
@@ -322,52 +326,56 @@ class TorchModel(Model):
             start += size
         self.n_params = start
         self.n_weights = start  # the L2 penalty acts on every parameter
+        self._params = [p for _, p in named]
         self._module_dtype = None
         self._training = None
+        self._bound = self._bound_grad = None  # the vectors the parameters are views of
+        self._grad_views: list = []
         self._check_output()
 
-    # -- views -------------------------------------------------------------------
+    # -- binding the flat vectors -------------------------------------------------
 
     def _prepare(self, dtype: np.dtype, training: bool) -> None:
         if self._module_dtype != dtype:
-            # only buffers (BatchNorm statistics) are used from the module itself
+            # only the buffers (BatchNorm statistics) are used as the module holds them
             if any(b.is_floating_point() for b in self.module.buffers()):
                 self.module.to(torch.float64 if dtype == np.float64 else torch.float32)
             self._module_dtype = dtype
+            self._bound = self._bound_grad = None
         if self._training is not training:
             self.module.train(training)
             self._training = training
 
-    def _tensor_views(self, vec: np.ndarray, leaves: bool) -> dict:
-        """Name -> tensor views of ``vec`` in the parameter shapes (cached per vector).
+    def _bind(self, params: np.ndarray, grad: np.ndarray | None = None) -> None:
+        """Make the module's parameters (and their ``.grad``) views of ``params`` (and ``grad``).
 
-        ``leaves``: autograd leaves (``requires_grad``) sharing ``vec``'s memory.
+        Each parameter's ``.data`` becomes a view of its slice of the flat
+        vector (``torch.from_numpy``: shared memory), so the module computes at
+        the vector's current values, which the runtime changes in place. The
+        binding is kept while the same vector comes back (the runtime passes
+        the same model and gradient buffers at every step): no per-call work.
+        A read-only or non-contiguous vector is bound through a copy, for one call.
         """
-        key = (id(vec), leaves)
-        entry = self._views.get(key)
-        if entry is not None and entry[0] is vec:
-            return entry[1]
-        shared, cacheable = _writeable_contiguous(vec)
-        flat = torch.from_numpy(shared)
-        views = {}
-        for name, shape, (start, end) in zip(
-            self.param_names, self.param_shapes, self._slices, strict=True
-        ):
-            view = flat[start:end].view(shape)
-            if leaves:
-                view = view.detach().requires_grad_(True)
-            views[name] = view
-        if cacheable:
-            self._views[key] = (vec, views)  # the base class's cache (emptied when pickled)
-            if len(self._views) > _MAX_CACHED_VIEWS:
-                del self._views[next(iter(self._views))]
-        return views
+        if self._bound is not params:
+            shared, keep = _writeable_contiguous(params)
+            flat = torch.from_numpy(shared)
+            for p, (start, end), shape in zip(
+                self._params, self._slices, self.param_shapes, strict=True
+            ):
+                p.data = flat[start:end].view(shape)
+            self._bound = params if keep else None
+        if grad is not None and self._bound_grad is not grad:
+            flat = torch.from_numpy(grad)  # the caller's ``out``: contiguous and writeable
+            self._grad_views = [
+                flat[start:end].view(shape)
+                for (start, end), shape in zip(self._slices, self.param_shapes, strict=True)
+            ]
+            for p, view in zip(self._params, self._grad_views, strict=True):
+                p.grad = view
+            self._bound_grad = grad
 
-    def _forward(self, params: np.ndarray, X: np.ndarray, leaves: bool):
-        X, _ = _writeable_contiguous(X)
-        return torch.func.functional_call(
-            self.module, self._tensor_views(params, leaves), (torch.from_numpy(X),)
-        )
+    def _input(self, X: np.ndarray):
+        return torch.from_numpy(_writeable_contiguous(X)[0])
 
     def _check_output(self) -> None:
         X = np.zeros((2, self.n_features), np.float32)
@@ -380,8 +388,6 @@ class TorchModel(Model):
                 f"the module of model {self.name!r} fails on a batch of shape (2, "
                 f"{self.n_features}) (the dataset's features): {detail} (--model)"
             ) from None
-        finally:
-            self._views.clear()
         ok = scores.shape == (2, self.n_classes) or (self.n_classes == 2 and scores.ndim == 1)
         if not ok:
             raise ConfigError(
@@ -431,42 +437,35 @@ class TorchModel(Model):
         y_t = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
         if g is None:
             self._prepare(params.dtype, training=False)
+            self._bind(params)
             with torch.no_grad():
-                return float(self.loss_fn(self._forward(params, X, False), y_t))
+                return float(self.loss_fn(self.module(self._input(X)), y_t))
         self._prepare(params.dtype, training=True)
-        leaves = self._tensor_views(params, True)
-        grads = self._tensor_views(g, False) if g_reused else None
-        g.fill(0.0)
-        if grads is None:
-            flat = torch.from_numpy(g)
-            grads = {
-                name: flat[start:end].view(shape)
-                for name, shape, (start, end) in zip(
-                    self.param_names, self.param_shapes, self._slices, strict=True
-                )
-            }
-        for name, leaf in leaves.items():
-            leaf.grad = grads[name]  # autograd accumulates into ``g`` in place
+        self._bind(params, g)
+        g.fill(0.0)  # autograd accumulates into the bound .grad views, in place
         with torch.enable_grad():
-            X_t = torch.from_numpy(_writeable_contiguous(X)[0])
-            loss = self.loss_fn(torch.func.functional_call(self.module, leaves, (X_t,)), y_t)
+            loss = self.loss_fn(self.module(self._input(X)), y_t)
             if loss.dim() != 0:
                 raise ConfigError(
                     f"the loss of model {self.name!r} returned shape {tuple(loss.shape)}: it must "
                     "return the mean loss over the batch as a scalar (reduction='mean') (--model)"
                 )
             loss.backward()
-        for name, leaf in leaves.items():
-            if leaf.grad is not grads[name]:  # an unused parameter (no grad) or a replaced one
-                if leaf.grad is not None:
-                    grads[name].copy_(leaf.grad)
-                leaf.grad = None
+        views = self._grad_views
+        for k, p in enumerate(self._params):
+            if p.grad is not views[k]:  # replaced by autograd (rare): copy into ``g``, rebind
+                if p.grad is not None:
+                    views[k].copy_(p.grad)
+                p.grad = views[k]
+        if not g_reused:
+            self._bound_grad = None  # ``g`` lives for this call only: do not keep it
         return float(loss.detach())
 
     def _scores(self, params: np.ndarray, X: np.ndarray) -> np.ndarray:
         self._prepare(params.dtype, training=False)
+        self._bind(params)
         with torch.no_grad():
-            scores = self._forward(params, X, False)
+            scores = self.module(self._input(X))
         scores = scores.detach().cpu().numpy()
         if scores.ndim == 2 and scores.shape[1] == 1 and self.n_classes == 2:
             scores = scores[:, 0]
