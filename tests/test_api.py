@@ -20,6 +20,17 @@ def _iris():
     return load_iris(return_X_y=True)
 
 
+def _column(table, name):
+    """A column of a RunResult table: a DataFrame with pandas, a list of dicts without."""
+    if isinstance(table, list):
+        return [row[name] for row in table]
+    return list(table[name])
+
+
+def _columns(table):
+    return set(table[0]) if isinstance(table, list) else set(table.columns)
+
+
 def test_simulate_with_arrays_gives_tables_models_and_replays_bit_for_bit(tmp_path, capsys):
     X, y = _iris()
     result = dasgd.simulate(
@@ -34,12 +45,12 @@ def test_simulate_with_arrays_gives_tables_models_and_replays_bit_for_bit(tmp_pa
     np.testing.assert_array_equal(saved["X"], X)
     assert result.config.data.dataset == str((result.run_dir / "data" / "arrays.npz").resolve())
     assert result.summary["dataset"]["n_train"] + result.summary["dataset"]["n_test"] == 150
-    # record tables (pandas in the test environment; lists of dicts without it)
+    # record tables (DataFrames with pandas, lists of dicts without)
     intervals = result.intervals
-    assert {"process", "node", "t_s", "step", "loss"} <= set(intervals.columns)
-    assert set(intervals["process"]) == {"node-0", "node-1", "node-2"}
+    assert {"process", "node", "t_s", "step", "loss"} <= _columns(intervals)
+    assert set(_column(intervals, "process")) == {"node-0", "node-1", "node-2"}
     assert len(result.gradients) == 60 and len(result.applies) == 2 * 60
-    assert list(result.finals["steps"]) == [20, 20, 20]
+    assert _column(result.finals, "steps") == [20, 20, 20]
     assert len(result.nodes) == 3
     # a replay from the run directory: same config, new run directory, same models (the
     # simulator is deterministic)
@@ -70,6 +81,13 @@ def test_test_split_given_as_arrays_is_used_as_is(tmp_path):
         no_standardize=True,
     )
     assert (result.summary["dataset"]["n_train"], result.summary["dataset"]["n_test"]) == (100, 50)
+
+
+def test_load_run_with_pandas_gives_dataframes(tmp_path):
+    pd = pytest.importorskip("pandas", reason="the notebook extra is not installed")
+    loaded = dasgd.load_run(dasgd.simulate(nodes=2, steps=5, out_dir=tmp_path, quiet=True).run_dir)
+    assert isinstance(loaded.intervals, pd.DataFrame) and isinstance(loaded.nodes, pd.DataFrame)
+    assert loaded.gradients["t_end_s"].dtype == np.float64
 
 
 def test_load_run_without_pandas_gives_lists_of_dicts(tmp_path, monkeypatch):
