@@ -719,7 +719,12 @@ def bench_torch(ds, args, work: Path) -> dict | None:
             "met": ok,
         }
     print(
-        f"\n{'model':>6} {'params':>8} {'loop steps/s':>13} {'node steps/s':>13} {'paired [min..max]':>22}  target"
+        "\nsteps/s (median); paired = median of per-repetition node/loop (back to back; the "
+        "verdict uses it); cpu = the same on CPU time of the thread"
+    )
+    print(
+        f"{'model':>6} {'params':>8} {'loop steps/s':>13} {'node steps/s':>13} "
+        f"{'paired [min..max]':>22} {'cpu':>6}  target"
     )
     for name, r in results.items():
         p = r["paired_ratio_node_over_loop"]
