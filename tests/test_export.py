@@ -67,7 +67,12 @@ def test_parquet_export_reads_back(run_dir, tmp_path):
 
 
 def _scalars(path) -> dict[str, int]:
-    """Count the scalar values per tag in a TensorBoard event file (TFRecord framing)."""
+    """Count the scalar values per tag in a TensorBoard event file (TFRecord framing).
+
+    tensorboardX writes but does not read, and the tensorboard package (which
+    reads) is no dependency: the framing is 8 bytes of length, 4 of CRC, the
+    record, 4 of CRC; the record is tensorboardX's own ``Event`` protobuf.
+    """
     from tensorboardX.proto import event_pb2
 
     counts: dict[str, int] = {}
