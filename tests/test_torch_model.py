@@ -129,6 +129,7 @@ def test_describe_is_json_and_names_the_spec():
         (SPEC + "NOT_CALLABLE", "not a callable"),
         (SPEC + "not_a_module", "must return (torch.nn.Module, loss_fn), got (str,"),
         (SPEC + "wrong_width", "to shape (2, 3): need (2, 10)"),
+        (SPEC + "numpy_initialized", "builds different parameters on two calls"),
         ("torch:tests.torch_factories", "torch:MODULE:FACTORY"),
     ],
 )

@@ -41,4 +41,14 @@ def wrong_width():
     return torch.nn.Linear(64, 3), torch.nn.CrossEntropyLoss()
 
 
+def numpy_initialized():
+    """Initialized from an unseeded numpy generator: a different x_0 in every process."""
+    import numpy as np
+
+    net = torch.nn.Linear(64, 10)
+    with torch.no_grad():
+        net.weight.copy_(torch.from_numpy(np.random.default_rng().normal(size=(10, 64))))
+    return net, torch.nn.CrossEntropyLoss()
+
+
 NOT_CALLABLE = 42

@@ -270,6 +270,7 @@ class TorchModel(Model):
     ------
     ConfigError
         If the factory raises, does not return ``(torch.nn.Module, callable)``,
+        builds different parameters on two calls under the same torch seed,
         the module has no parameters or parameters that are not floating point,
         or a batch of zeros of shape ``(2, n_features)`` does not give scores of
         shape ``(2, n_classes)`` (or ``(2,)``/``(2, 1)`` for two classes).
@@ -380,6 +381,13 @@ class TorchModel(Model):
     def _check_output(self) -> None:
         X = np.zeros((2, self.n_features), np.float32)
         params = self.init_params(seed=0, dtype=np.float32)
+        # every node builds x_0 itself: the factory must be reproducible from torch's seed
+        if not np.array_equal(params, self.init_params(seed=0, dtype=np.float32), equal_nan=True):
+            raise ConfigError(
+                f"the factory of model {self.name!r} builds different parameters on two calls "
+                "under the same torch.manual_seed: every node must build the same x_0, so "
+                "initialize with torch's generator (not numpy's or random's) (--model)"
+            )
         try:
             scores = self._scores(params, X)
         except Exception as exc:
