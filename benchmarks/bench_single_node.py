@@ -5,6 +5,10 @@ plain, hand-written numpy SGD loop's on the same MLP and mini-batches.
 Second target (issue 8): the per-event binary logs (on by default; the ``node``
 row above records them) cost at most 3 %: a lone softmax node on digits at
 b = 1, events on against ``record_events=False``, paired and interleaved.
+Third target (issue 11): a PyTorch model in a dasgd node (``--model
+torch:...``, :class:`dasgd.ml.torch_model.TorchModel`) runs at least 0.9 of
+the steps/s of a plain PyTorch training loop on the same module and batches
+(section "PyTorch"; skipped with a line when torch is not installed).
 
 Competitors, run side by side in one process and interleaved: every repetition
 runs ``loop`` and ``node`` back to back, in alternating order, so a slow phase
@@ -31,8 +35,18 @@ printed beside it.
     summary; its steps/s is ``steps / wall``. ``cli-train`` is the same run's
     ``steps / train_s`` as its node process recorded it.
 
-Every process gets ``OPENBLAS_NUM_THREADS=1`` (and OMP/MKL): BLAS threads are
-not part of the comparison. Results go to ``benchmarks/results/bench_single_node.json``.
+``torch-loop`` and ``torch-node`` (section "PyTorch", ``--torch-steps 0`` skips it)
+    The loop a PyTorch user writes: ``opt.zero_grad(); loss_fn(net(X[idx]),
+    y[idx]).backward(); opt.step()`` with ``torch.optim.SGD``, on the batches
+    of the node's :class:`~dasgd.ml.data.BatchSampler` and the module the
+    factory builds under ``torch.manual_seed(0)`` (float32). ``torch-node``:
+    a lone node as ``node`` above with ``--model torch:torch_models:digits_NAME``
+    (``benchmarks/torch_models.py``: a small CNN and an MLP 64-256-10 on
+    digits). Before timing, both train 50 steps from the same start and their
+    parameters are compared (same model, same batches).
+
+Every process gets ``OPENBLAS_NUM_THREADS=1`` (and OMP/MKL), and torch
+``torch.set_num_threads(1)``: BLAS threads are not part of the comparison. Results go to ``benchmarks/results/bench_single_node.json``.
 
 Usage::
 
@@ -79,6 +93,8 @@ from dasgd.ml.models import build_model  # noqa: E402
 TARGET_RATIO = 0.9
 #: Steps/s with the per-event binary logs on, at least this fraction of off (issue 8).
 EVENTS_TARGET = 0.97
+#: A torch model in a node: steps/s at least this fraction of a plain torch loop's (issue 11).
+TORCH_TARGET = 0.9
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_single_node.json"
 CLI_TIMEOUT_S = 300.0
 
@@ -608,6 +624,129 @@ def bench_events_cost(ds, args, work: Path) -> dict:
     }
 
 
+# ---------------------------------------------------------------------------
+# PyTorch: a torch model in a dasgd node against a plain torch training loop
+
+
+def torch_config(name: str, args, steps: int) -> RunConfig:
+    return RunConfig(
+        n_nodes=1,
+        model=ModelConfig(name=f"torch:torch_models:digits_{name}", dtype="float32"),
+        train=TrainConfig(
+            optimizer="sgd", lr=args.lr, batch_size=args.batch_size, steps=steps, seed=0
+        ),
+    )
+
+
+def torch_loop(name: str, ds, args, steps: int):
+    """The plain loop: returns (steps/s, CPU seconds of this thread, final parameters, float32)."""
+    import torch
+    import torch_models
+
+    from dasgd.ml.data import BatchSampler
+
+    torch.manual_seed(0)  # the start TorchModel.init_params(seed=0) gives
+    net, loss_fn = torch_models.MODELS[name]()
+    opt = torch.optim.SGD(net.parameters(), lr=args.lr)
+    X = torch.from_numpy(ds.X_train.astype(np.float32))
+    y = torch.from_numpy(ds.y_train)
+    sampler = BatchSampler(len(ds.y_train), args.batch_size, seed=1)  # node 0's: seed + 1
+    t0, c0 = time.perf_counter(), time.thread_time()
+    for _ in range(steps):
+        idx = torch.from_numpy(sampler.next_batch().copy())
+        opt.zero_grad()
+        loss_fn(net(X[idx]), y[idx]).backward()
+        opt.step()
+    seconds, cpu_s = time.perf_counter() - t0, time.thread_time() - c0
+    flat = torch.nn.utils.parameters_to_vector(net.parameters()).detach().numpy().copy()
+    return steps / seconds, cpu_s, flat
+
+
+def torch_node(name: str, ds, args, steps: int, work: Path, tag: str):
+    """A lone dasgd node with the torch model: returns (steps/s, CPU seconds, final parameters)."""
+    driver = make_driver(torch_config(name, args, steps), ds, work, tag)
+    try:
+        t0, c0 = time.perf_counter(), time.thread_time()
+        driver.run()
+        seconds, cpu_s = time.perf_counter() - t0, time.thread_time() - c0
+        if not driver.drained or driver.machine.step != steps:
+            raise RuntimeError(f"the node stopped at step {driver.machine.step} of {steps}")
+        return steps / seconds, cpu_s, driver.machine.params.copy()
+    finally:
+        close_driver(driver, linger_s=0.0)
+
+
+def bench_torch(ds, args, work: Path) -> dict | None:
+    """Target (issue 11): torch-node steps/s >= TORCH_TARGET x torch-loop's, paired repetitions."""
+    try:
+        import torch
+    except ImportError:
+        print("\nPyTorch: skipped (torch is not installed: pip install -e '.[torch]')")
+        return None
+    torch.set_num_threads(1)
+    print(f"\nPyTorch {torch.__version__}, 1 thread: a torch model in a dasgd node vs a plain loop")
+    results = {}
+    for name in args.torch_models:
+        steps = args.torch_steps
+        # same model, same batches: 50 steps from the same start end at the same parameters
+        a = torch_loop(name, ds, args, 50)[-1]
+        b = torch_node(name, ds, args, 50, work, f"torch-{name}-check")[-1]
+        diff = float(np.abs(a - b).max() / max(1e-12, np.abs(a).max()))
+        print(
+            f"  {name}: {a.size} parameters (float32), batch {args.batch_size}; after 50 steps the "
+            f"loop's and the node's parameters differ by {diff:.1e} (relative max)"
+        )
+        torch_loop(name, ds, args, max(20, steps // 10))  # warm-up
+        torch_node(name, ds, args, max(20, steps // 10), work, f"torch-{name}-warm")
+        loop, node, loop_cpu, node_cpu = [], [], [], []
+        for rep in range(args.reps):
+            for who in ("loop", "node") if rep % 2 == 0 else ("node", "loop"):
+                if who == "loop":
+                    rate, cpu_s, _ = torch_loop(name, ds, args, steps)
+                    loop.append(rate)
+                    loop_cpu.append(cpu_s)
+                else:
+                    rate, cpu_s, _ = torch_node(name, ds, args, steps, work, f"torch-{name}-{rep}")
+                    node.append(rate)
+                    node_cpu.append(cpu_s)
+            print(
+                f"  rep {rep + 1}/{args.reps}: steps/s  loop {loop[-1]:7.0f}  node {node[-1]:7.0f}"
+            )
+        paired = summarize([n / lo for n, lo in zip(node, loop, strict=True)])
+        # steps per CPU-second of this thread: time descheduled by other jobs excluded
+        paired_cpu = summarize([lo / n for n, lo in zip(node_cpu, loop_cpu, strict=True)])
+        ok = paired["median"] >= TORCH_TARGET
+        results[name] = {
+            "n_params": int(a.size),
+            "steps": steps,
+            "check_max_rel_diff_after_50_steps": diff,
+            "steps_per_s": {"torch-loop": summarize(loop), "torch-node": summarize(node)},
+            "ratio_node_over_loop": statistics.median(node) / statistics.median(loop),
+            "paired_ratio_node_over_loop": paired,
+            "paired_cpu_ratio_node_over_loop": paired_cpu,
+            "target": TORCH_TARGET,
+            "met": ok,
+        }
+    print(
+        "\nsteps/s (median); paired = median of per-repetition node/loop (back to back; the "
+        "verdict uses it); cpu = the same on CPU time of the thread"
+    )
+    print(
+        f"{'model':>6} {'params':>8} {'loop steps/s':>13} {'node steps/s':>13} "
+        f"{'paired [min..max]':>22} {'cpu':>6}  target"
+    )
+    for name, r in results.items():
+        p = r["paired_ratio_node_over_loop"]
+        print(
+            f"{name:>6} {r['n_params']:>8} {r['steps_per_s']['torch-loop']['median']:>13.0f} "
+            f"{r['steps_per_s']['torch-node']['median']:>13.0f} "
+            f"{p['median']:>7.3f} [{p['min']:.3f}..{p['max']:.3f}] "
+            f"{r['paired_cpu_ratio_node_over_loop']['median']:>6.3f}  paired >= {TORCH_TARGET}: "
+            f"{'MET' if r['met'] else 'NOT MET'}"
+        )
+    return results
+
+
 def print_table(results: list[dict]) -> None:
     print(
         "\nsteps/s (median [min..max]); ratio = median(competitor) / median(loop); "
@@ -705,6 +844,25 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=11,
         help="repetitions of the events on/off comparison (default: %(default)s)",
     )
+    p.add_argument(
+        "--torch-steps",
+        type=int,
+        default=1000,
+        help="steps per repetition of the PyTorch section; 0 skips it (default: %(default)s)",
+    )
+    p.add_argument(
+        "--torch-models",
+        nargs="+",
+        choices=("cnn", "mlp"),
+        default=["cnn", "mlp"],
+        help="PyTorch models of benchmarks/torch_models.py (default: %(default)s)",
+    )
+    p.add_argument(
+        "--only",
+        choices=("numpy", "events", "torch"),
+        default=None,
+        help="run one section: the numpy MLP, the event logs' cost or PyTorch (default: all)",
+    )
     p.add_argument("--out", type=Path, default=RESULTS, help="JSON results file")
     args = p.parse_args(argv)
     if len(args.steps) != len(args.hidden):
@@ -729,17 +887,23 @@ def main(argv=None) -> int:
     )
     work = Path(tempfile.mkdtemp(prefix="dbn-", dir="/tmp"))
     try:
-        results = [
-            bench_config(ds, hidden, steps, args, work)
-            for hidden, steps in zip(args.hidden, args.steps, strict=True)
-        ]
+        results = []
+        if args.only in (None, "numpy"):
+            results = [
+                bench_config(ds, hidden, steps, args, work)
+                for hidden, steps in zip(args.hidden, args.steps, strict=True)
+            ]
         events_cost = None
-        if args.events_steps:
+        if args.events_steps and args.only in (None, "events"):
             print("\nper-event binary logs (gradient events) on against off:")
             events_cost = bench_events_cost(ds, args, work)
+        torch_results = None
+        if args.torch_steps and args.only in (None, "torch"):
+            torch_results = bench_torch(ds, args, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print_table(results)
+    if results:
+        print_table(results)
     load_after = report_load(load_before)
     doc = {
         "benchmark": "bench_single_node",
@@ -752,6 +916,7 @@ def main(argv=None) -> int:
         "dataset": {"name": "digits", "n_train": ds.n_train, "n_features": ds.n_features},
         "results": results,
         "events_cost": events_cost,
+        "torch": torch_results,
         "wall_s": time.perf_counter() - t_start,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,10 @@ layers, lowest first; a module imports only from its own layer or below:
   :mod:`~dasgd.runtime.node` (the ``Driver`` of one process), :mod:`~dasgd.runtime.control`,
   :mod:`~dasgd.runtime.launch` (``dasgd run``)
 - :mod:`dasgd.sim` -- ``dasgd simulate``: the same machines in virtual time
+- :mod:`dasgd.api` -- the Python API: :func:`dasgd.run`, :func:`dasgd.simulate`,
+  :func:`dasgd.load_run` and their :class:`~dasgd.api.RunResult`
+- :mod:`dasgd.analysis.export` -- a run directory as tables: CSV, Parquet, TensorBoard (``dasgd export``)
+- :mod:`dasgd.ml.torch_model` -- any ``torch.nn.Module`` as a model (``--model torch:MODULE:FACTORY``)
 - :mod:`dasgd.cli` -- the ``dasgd`` command
 
 Algorithms and staleness definitions: ALGORITHMS.md in the project's shared
@@ -30,3 +34,20 @@ notes, summarized in README.md.
 """
 
 __version__ = "0.1.0"
+
+__all__ = ["RunResult", "__version__", "load_run", "run", "simulate"]
+
+_API = ("RunResult", "load_run", "run", "simulate")
+
+
+def __getattr__(name: str):
+    # lazy: `python -m dasgd node` imports this package, and must stay cheap (DESIGN.md §9)
+    if name in _API:
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'dasgd' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_API])

@@ -5,11 +5,15 @@ Subcommands::
     dasgd run [OPTIONS]        train with one process per node; prints the summary table
     dasgd summary RUN_DIR      print a finished run's table again (--json for the raw summary)
     dasgd report RUN_DIR...    one self-contained HTML file of tables and figures (-o report.html)
+    dasgd export RUN_DIR       the run's time series and event logs as CSV, Parquet or TensorBoard
     dasgd topology SPEC        nodes, edges, degrees, diameter, spectral gap of a topology
     dasgd node ...             one node process (started by `dasgd run`, not by hand)
 
 :func:`config_from_args` is a pure function from parsed arguments to a
-:class:`~dasgd.config.RunConfig`. User mistakes print one line
+:class:`~dasgd.config.RunConfig`, :func:`args_from_config` its inverse (``dasgd
+run --config runs/ID/config.json`` replays a run; flags given override the
+file), and :func:`options_namespace` turns the keyword options of
+:func:`dasgd.run` (named as the flags) into the same arguments. User mistakes print one line
 (``dasgd: error: ...``) and exit with code 2; a failed run exits 1; Ctrl-C 130.
 """
 
@@ -39,10 +43,18 @@ from .config import (
     TransportConfig,
 )
 from .errors import ConfigError, DasgdError, NodeFailed
-from .ml.models import ACTIVATIONS, MODELS
+from .ml.models import ACTIVATIONS, MODELS, check_model_name
 from .ml.optim import OPTIMIZERS
 
-__all__ = ["build_parser", "config_from_args", "main"]
+__all__ = [
+    "args_from_config",
+    "build_parser",
+    "config_from_args",
+    "load_config",
+    "main",
+    "options_namespace",
+    "run_config_and_hosts",
+]
 
 _DEFAULTS = RunConfig()
 
@@ -65,6 +77,21 @@ def _hidden(text: str) -> tuple[int, ...]:
             f"expected comma-separated layer sizes like 64 or 128,64, got {text!r}"
         ) from None
     return sizes
+
+
+_MODEL_CHOICES = (*MODELS, "torch:MODULE:FACTORY")
+
+
+def _model_name(text: str) -> str:
+    try:
+        return check_model_name(text)
+    except ConfigError:
+        raise argparse.ArgumentTypeError(
+            f"invalid choice: {text!r} (choose from {', '.join(_MODEL_CHOICES)})"
+            if not text.startswith("torch:")
+            else f"torch model spec must be torch:MODULE:FACTORY, e.g. torch:mymodels:make_cnn, "
+            f"got {text!r}"
+        ) from None
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -128,9 +155,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument(
         "--model",
-        choices=MODELS,
+        type=_model_name,
         default=d.model.name,
-        help="model (default: %(default)s)",
+        metavar="{" + ",".join(_MODEL_CHOICES) + "}",
+        help="model; torch:MODULE:FACTORY is a PyTorch module: FACTORY() in the importable "
+        "MODULE returns (torch.nn.Module, loss_fn) (default: %(default)s)",
     )
     g.add_argument(
         "--hidden",
@@ -330,6 +359,18 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         "snapshots); summary.json then lacks S2, S3 and the convergence curves",
     )
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    g.add_argument(
+        "--tensorboard",
+        default=None,
+        metavar="DIR",
+        help="also write TensorBoard scalars of the run under DIR/<run-id> (needs tensorboardX)",
+    )
+    g.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="start from a run's config.json (replay it); flags given explicitly override it",
+    )
 
 
 def _add_host_options(p: argparse.ArgumentParser) -> None:
@@ -423,6 +464,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--output",
         default="report.html",
         help="the HTML file to write (default: %(default)s)",
+    )
+    p = sub.add_parser(
+        "export",
+        help="write a run's time series and event logs as CSV, Parquet or TensorBoard scalars",
+        description="One table per kind of record, every row labelled with its process: "
+        "intervals, evals, finals (from node-<i>.jsonl) and, where the run recorded them, "
+        "gradients and applies (the binary event logs).",
+    )
+    p.add_argument("run_dir", help="a run directory (runs/<run-id>)")
+    p.add_argument(
+        "--format",
+        choices=("csv", "parquet", "tensorboard"),
+        default="csv",
+        help="csv, parquet (needs pyarrow) or tensorboard (needs tensorboardX) (default: %(default)s)",
+    )
+    p.add_argument(
+        "-o",
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="output directory (default: RUN_DIR/export; RUN_DIR/tensorboard for tensorboard)",
     )
     p = sub.add_parser(
         "topology", help="describe a topology: nodes, edges, degrees, diameter, spectral gap"
@@ -525,12 +587,247 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     )
 
 
-def _cmd_run(args) -> int:
+def args_from_config(config: RunConfig) -> dict:
+    """The ``dasgd run``/``simulate`` arguments (argparse dests) that give ``config``.
+
+    The inverse of :func:`config_from_args`:
+    ``config_from_args(Namespace(**defaults, **args_from_config(c))) == c`` for
+    every config the command line can express (``transport.check_finite`` has
+    no flag and is left at its default).
+
+    Parameters
+    ----------
+    config : RunConfig
+
+    Returns
+    -------
+    dict
+        argparse dest -> value.
+    """
+    bw = config.sim.bandwidth_bps
+    return {
+        "nodes": config.n_nodes,
+        "algorithm": config.algorithm,
+        "topology": config.topology.spec,
+        "topology_seed": config.topology.seed,
+        "dataset": config.data.dataset,
+        "test_fraction": config.data.test_fraction,
+        "no_standardize": not config.data.standardize,
+        "sharding": config.data.sharding,
+        "dirichlet_alpha": config.data.dirichlet_alpha,
+        "model": config.model.name,
+        "hidden": tuple(config.model.hidden),
+        "activation": config.model.activation,
+        "l2": config.model.l2,
+        "dtype": config.model.dtype,
+        "optimizer": config.train.optimizer,
+        "lr": config.train.lr,
+        "momentum": config.train.momentum,
+        "batch_size": config.train.batch_size,
+        "steps": config.train.steps,
+        "epochs": config.train.epochs,
+        "send_every": config.train.send_every,
+        "server_optimizer": config.train.server_optimizer,
+        "delay_rule": config.train.delay_rule,
+        "delay_concurrency": config.train.delay_concurrency,
+        "max_lead_steps": config.train.max_lead_steps,
+        "seed": config.train.seed,
+        "slowdown": config.emulation.slowdown,
+        "latency": config.emulation.latency,
+        "compute_time": config.emulation.compute_time,
+        "transport": config.transport.kind,
+        "host": config.transport.host,
+        "advertise_address": config.transport.advertise_host,
+        "curve_keys": config.transport.curve_keys,
+        "base_port": config.transport.base_port,
+        "hwm": config.transport.hwm_msgs,
+        "queue_mib": config.transport.queue_bytes / 2**20,
+        "max_backlog": config.transport.max_backlog_msgs,
+        "send_timeout_s": config.transport.send_timeout_s,
+        "ready_timeout_s": config.transport.ready_timeout_s,
+        "drain_timeout_s": config.transport.drain_timeout_s,
+        "out_dir": config.out_dir,
+        "run_id": config.run_id,
+        "log_interval_s": config.log_interval_s,
+        "timeout_s": config.timeout_s,
+        "eval_interval_s": config.eval_interval_s or 0.0,
+        "record_events": config.record_events,
+        "bandwidth": "" if bw is None else repr(float(bw)),
+        "message_bytes": config.sim.message_bytes,
+    }
+
+
+def load_config(source) -> RunConfig:
+    """A :class:`RunConfig` from a run's ``config.json``, a run directory, a dict or a RunConfig.
+
+    Raises
+    ------
+    ConfigError
+        A missing or unreadable file, or one that is not a dasgd configuration.
+    """
+    from .config import run_config_from_dict
+
+    if isinstance(source, RunConfig):
+        return source
+    if isinstance(source, dict):
+        return run_config_from_dict(source)
+    if not isinstance(source, str | os.PathLike):
+        raise ConfigError(
+            f"config must be a RunConfig, a dict or the path of a config.json, got "
+            f"{type(source).__name__} (--config)"
+        )
+    path = Path(source)
+    if path.is_dir():
+        path = path / "config.json"
+    try:
+        values = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(
+            f"config file {str(path)!r} not found: give a run's config.json (--config)"
+        ) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {exc} (--config)") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{str(path)!r} is not a dasgd config.json (--config)")
+    try:
+        return run_config_from_dict(values)
+    except TypeError as exc:
+        raise ConfigError(f"{str(path)!r} is not a dasgd config.json ({exc}) (--config)") from None
+
+
+def _run_subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    for action in parser._actions:  # argparse has no public accessor for subparsers
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[command]
+    raise KeyError(command)
+
+
+def _merge(base: dict, given: dict, keep_run_id: bool) -> dict:
+    """``base`` (from a config) with ``given`` (explicit flags or options) on top."""
+    merged = dict(base)
+    if not keep_run_id:
+        merged["run_id"] = None  # the old run's directory exists: a replay makes a new one
+    merged.update(given)
+    if "topology" in given and "nodes" not in given:
+        merged["nodes"] = None  # sized by the new topology, as on a fresh command line
+    return merged
+
+
+def _replay(parser: argparse.ArgumentParser, args: argparse.Namespace, argv) -> argparse.Namespace:
+    """``args`` with the values of ``--config`` wherever no flag was given explicitly."""
+    sub = _run_subparser(parser, args.command)
+    saved = [(a, a.default) for a in sub._actions]
+    try:  # parse again with every default suppressed: what remains was given
+        for action, _ in saved:
+            action.default = argparse.SUPPRESS
+        given = vars(parser.parse_args(argv))
+    finally:
+        for action, default in saved:
+            action.default = default
+    given.pop("command", None)
+    given.pop("config", None)
+    base = args_from_config(load_config(args.config))
+    merged = _merge(vars(args) | base, given, keep_run_id=False)
+    return argparse.Namespace(**merged)
+
+
+def options_namespace(command: str, config=None, options: dict | None = None) -> argparse.Namespace:
+    """Parsed-argument equivalent of ``dasgd COMMAND`` with a config and keyword options.
+
+    Parameters
+    ----------
+    command : {"run", "simulate"}
+    config : RunConfig, dict or path-like, optional
+        Starting point: a :class:`RunConfig`, its dict, or a run's
+        ``config.json`` / run directory (then its ``run_id`` is dropped: a new
+        run directory is made). Default: the command's defaults.
+    options : dict, optional
+        Named as the command's long flags with ``_`` for ``-`` (``nodes``,
+        ``topology``, ``lr``, ``send_every``, ``no_events``, ``quiet``...);
+        values as Python objects (``hidden=(128, 64)``, ``no_events=True``) or
+        as the strings the command line takes (``hidden="128,64"``).
+
+    Returns
+    -------
+    argparse.Namespace
+        For :func:`config_from_args`.
+
+    Raises
+    ------
+    ConfigError
+        An unknown option (the message lists the valid ones), a value outside
+        an option's choices, or one its flag's parser rejects.
+    """
+    parser = build_parser()
+    sub = _run_subparser(parser, command)
+    args = vars(parser.parse_args([command]))
+    if config is not None:
+        keep = isinstance(config, RunConfig | dict)
+        args = _merge(args | args_from_config(load_config(config)), {}, keep_run_id=keep)
+    by_name: dict[str, argparse.Action] = {}
+    for action in sub._actions:
+        for flag in action.option_strings:
+            if flag.startswith("--") and flag not in ("--help", "--config"):
+                by_name[flag[2:].replace("-", "_")] = action
+    given = {}
+    for name, value in (options or {}).items():
+        action = by_name.get(name)
+        if action is None:
+            raise ConfigError(
+                f"unknown option {name!r}: valid options are {', '.join(sorted(by_name))}"
+            )
+        flag = "--" + name.replace("_", "-")
+        if isinstance(action, argparse._StoreConstAction):  # store_true / store_false
+            if not isinstance(value, bool):
+                raise ConfigError(f"{name} must be True or False, got {value!r} ({flag})")
+            value = action.const if value else not action.const
+        elif isinstance(value, str) and action.type not in (None, str):
+            try:
+                value = action.type(value)
+            except (argparse.ArgumentTypeError, ValueError) as exc:
+                raise ConfigError(f"{name}={value!r} is invalid: {exc} ({flag})") from None
+        elif name == "hidden" and isinstance(value, int) and not isinstance(value, bool):
+            value = (value,)
+        elif name == "hidden" and isinstance(value, list):
+            value = tuple(value)
+        elif name == "model" and value is not None and not isinstance(value, str):
+            value = _factory_spec(value)  # a factory function: its torch:MODULE:FACTORY
+        if action.choices is not None and value not in action.choices:
+            raise ConfigError(
+                f"unknown {name} {value!r}: choose one of {', '.join(map(str, action.choices))} ({flag})"
+            )
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        given[action.dest] = value
+    return argparse.Namespace(**_merge(args, given, keep_run_id=True))
+
+
+def _factory_spec(factory) -> str:
+    try:
+        from .ml.torch_model import spec_of
+    except ImportError as exc:
+        raise ConfigError(
+            f"a model factory needs PyTorch, which cannot be imported ({exc}): "
+            "pip install 'dasgd[torch]'"
+        ) from None
+    return spec_of(factory)
+
+
+def run_config_and_hosts(args: argparse.Namespace):
+    """The :class:`RunConfig` and this launcher's hosts (``dasgd run``'s several-host options).
+
+    :func:`config_from_args`, then, for a run over several hosts (``--nhosts``
+    or a torchrun/SLURM/Open MPI environment: see
+    :func:`dasgd.runtime.rendezvous.hosts_from_env`), tcp on all interfaces
+    unless told otherwise, and ``--advertise-address``, ``--curve-keys``.
+
+    Returns
+    -------
+    config : RunConfig
+    hosts : dasgd.runtime.rendezvous.HostSpec
+    """
     import dataclasses
 
-    from .analysis.metrics import format_summary
-    from .ml.models import MODELS
-    from .runtime.launch import run
     from .runtime.rendezvous import hosts_from_env
 
     hosts = hosts_from_env(
@@ -558,13 +855,20 @@ def _cmd_run(args) -> int:
         config = config.replace(
             transport=dataclasses.replace(config.transport, curve_keys=args.curve_keys)
         )
-    if config.model.name not in MODELS:
-        raise ConfigError(
-            f"unknown model {config.model.name!r}: choose one of {', '.join(MODELS)} (--model)"
-        )
+    return config, hosts
+
+
+def _cmd_run(args) -> int:
+    from .analysis.metrics import format_summary
+    from .runtime.launch import run
+
+    config, hosts = run_config_and_hosts(args)
+    check_model_name(config.model.name)
+    _check_tensorboard(args)
     run_dir, summary = run(config, progress=not args.quiet, hosts=hosts)
     print(format_summary(summary))
     print(f"\nrun directory: {run_dir}")
+    _write_tensorboard(args, run_dir)
     undrained = [n["node"] for n in summary["nodes"] if n.get("drained") is False]
     if undrained:
         raise NodeFailed(
@@ -578,14 +882,11 @@ def _cmd_simulate(args) -> int:
     from .analysis.metrics import format_summary
     from .config import SimConfig
     from .core.emulation import parse_bandwidth
-    from .ml.models import MODELS
     from .sim import simulate
 
     config = config_from_args(args)
-    if config.model.name not in MODELS:
-        raise ConfigError(
-            f"unknown model {config.model.name!r}: choose one of {', '.join(MODELS)} (--model)"
-        )
+    check_model_name(config.model.name)
+    _check_tensorboard(args)
     config = config.replace(
         sim=SimConfig(
             bandwidth_bps=parse_bandwidth(args.bandwidth), message_bytes=args.message_bytes
@@ -598,6 +899,29 @@ def _cmd_simulate(args) -> int:
         f"{summary['run']['sim_real_s']:.1f} s ({summary['run']['sim_events']} events)"
     )
     print(f"run directory: {run_dir}")
+    _write_tensorboard(args, run_dir)
+    return 0
+
+
+def _check_tensorboard(args) -> None:
+    if getattr(args, "tensorboard", None):
+        from .analysis.export import check_tensorboard
+
+        check_tensorboard()  # before the run, not after it
+
+
+def _write_tensorboard(args, run_dir) -> None:
+    if getattr(args, "tensorboard", None):
+        from .analysis.export import write_tensorboard
+
+        print(f"tensorboard: {write_tensorboard(run_dir, args.tensorboard)}")
+
+
+def _cmd_export(args) -> int:
+    from .analysis.export import export_run
+
+    for path in export_run(args.run_dir, args.format, args.out):
+        print(path)
     return 0
 
 
@@ -667,15 +991,23 @@ def main(argv: list[str] | None = None) -> int:
     ``--help`` and ``--version`` return 0, a usage error (unknown flag, bad
     value, a value outside a flag's choices) prints one line and returns 2.
     """
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse has printed the help, the version or the error
         return exc.code if isinstance(exc.code, int) else 2
+    if getattr(args, "config", None):
+        try:
+            args = _replay(parser, args, sys.argv[1:] if argv is None else argv)
+        except ConfigError as exc:
+            print(f"dasgd: error: {exc}", file=sys.stderr)
+            return 2
     command = {
         "run": _cmd_run,
         "simulate": _cmd_simulate,
         "summary": _cmd_summary,
         "report": _cmd_report,
+        "export": _cmd_export,
         "topology": _cmd_topology,
         "node": _cmd_node,
         "keys": _cmd_keys,

@@ -12,6 +12,7 @@ Run directory (``OUT_DIR/RUN_ID/``)::
     data/meta.json         dataset, classes, shard sizes and class histograms
     data/shard-<i>-X.npy   node i's training shard (features, labels: -y.npy)
     data/test-X.npy        the test split (labels: test-y.npy)
+    data/arrays.npz        the dataset as given, when it was given as arrays (Python API)
     node-<i>.jsonl         node i's event log
     node-<i>.stderr        node i's stderr (real runs; tracebacks of crashes land here)
     node-<i>.npy           node i's final model
@@ -21,6 +22,7 @@ Run directory (``OUT_DIR/RUN_ID/``)::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import uuid
@@ -35,7 +37,11 @@ from .analysis.staleness import node_fields, run_fields
 from .config import RunConfig
 from .errors import ConfigError
 
-__all__ = ["prepare_run", "process_name", "write_analysis", "write_summary"]
+__all__ = ["ARRAYS_FILE", "prepare_run", "process_name", "write_analysis", "write_summary"]
+
+#: File under ``data/`` holding a dataset given as arrays (``X``, ``y``[, ``X_test``, ``y_test``]).
+ARRAYS_FILE = "arrays.npz"
+_ARRAY_KEYS = ("X", "y", "X_test", "y_test")
 
 
 def process_name(config: RunConfig, node_id: int) -> str:
@@ -60,7 +66,11 @@ def _check_ports_free(host: str, ports: list[int]) -> None:
 
 
 def prepare_run(
-    config: RunConfig, *, write_shards: bool = True, check_ports: bool = True
+    config: RunConfig,
+    *,
+    write_shards: bool = True,
+    check_ports: bool = True,
+    arrays: dict | None = None,
 ) -> tuple[RunConfig, Path, dict]:
     """Resolve the topology and data, validate, and write the run directory.
 
@@ -73,11 +83,19 @@ def prepare_run(
         processes read them; the simulator keeps them in memory).
     check_ports : bool
         Check that a tcp ``--base-port`` range is free (a simulation binds nothing).
+    arrays : dict, optional
+        The dataset as arrays instead of ``config.data.dataset``: keys ``X``
+        (m, d) and ``y`` (m,), optionally ``X_test`` and ``y_test``; split and
+        standardized by :func:`dasgd.ml.data.dataset_from_arrays` with
+        ``config.data``'s settings. They are saved as they were given to
+        ``data/arrays.npz``, and ``config.json`` names that file as the
+        dataset, so the run can be replayed (``dasgd run --config``).
 
     Returns
     -------
     config : RunConfig
-        With ``n_nodes`` and ``run_id`` filled in.
+        With ``n_nodes`` and ``run_id`` filled in (and ``data.dataset`` the
+        saved arrays' path when ``arrays`` were given).
     run_dir : Path
     context : dict
         ``graph``, ``dataset``, ``shards`` (index arrays), ``model``, ``x0``
@@ -90,7 +108,13 @@ def prepare_run(
         anything is spawned; nothing is written then.
     """
     from .core.emulation import resolve_latency, resolve_slowdown
-    from .ml.data import class_histogram, load_dataset, shard_by_label, shard_iid
+    from .ml.data import (
+        class_histogram,
+        dataset_from_arrays,
+        load_dataset,
+        shard_by_label,
+        shard_iid,
+    )
     from .ml.models import build_model
     from .topology import describe_topology, parse_topology, save_topology
 
@@ -102,12 +126,27 @@ def prepare_run(
         graph = parse_topology(config.topology.spec, config.n_nodes, seed=config.topology.seed)
         n = graph.number_of_nodes()
     dc = config.data
-    dataset = load_dataset(
-        dc.dataset,
-        test_fraction=dc.test_fraction,
-        seed=config.train.seed,
-        standardize=dc.standardize,
-    )
+    if arrays is not None:
+        unknown = sorted(set(arrays) - set(_ARRAY_KEYS))
+        if unknown or "X" not in arrays or "y" not in arrays:
+            raise ConfigError(
+                f"dataset arrays must have keys X, y and optionally X_test, y_test, got "
+                f"{', '.join(map(str, arrays)) or 'none'}"
+            )
+        dataset = dataset_from_arrays(
+            **{k: arrays.get(k) for k in _ARRAY_KEYS},
+            name=dc.dataset,
+            test_fraction=dc.test_fraction,
+            seed=config.train.seed,
+            standardize=dc.standardize,
+        )
+    else:
+        dataset = load_dataset(
+            dc.dataset,
+            test_fraction=dc.test_fraction,
+            seed=config.train.seed,
+            standardize=dc.standardize,
+        )
     if n > dataset.n_train:
         raise ConfigError(
             f"{n} nodes but only {dataset.n_train} training samples in {dataset.name}: use fewer nodes (-n)"
@@ -162,6 +201,10 @@ def prepare_run(
         raise ConfigError(
             f"cannot create the run directory {run_dir}: {exc.strerror} (--out-dir)"
         ) from None
+    if arrays is not None:  # as given, so that `dasgd run --config` replays the run exactly
+        saved = (run_dir / "data" / ARRAYS_FILE).resolve()
+        np.savez(saved, **{k: np.asarray(v) for k, v in arrays.items() if v is not None})
+        config = config.replace(data=dataclasses.replace(dc, dataset=str(saved)))
     (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     save_topology(graph, run_dir / "topology.json")
     np.save(run_dir / "x0.npy", x0)

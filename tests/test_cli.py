@@ -60,6 +60,11 @@ BAD_INPUTS = [
     (["--batch-size", "-8"], "batch size must be"),
     (["--batch-size", "0"], "batch size must be"),
     (["--model", "transformer"], "invalid choice: 'transformer'"),
+    # with torch: the module cannot be imported; without: torch cannot; either names the spec
+    (["--model", "torch:no_such_module_xyz:make"], "model 'torch:no_such_module_xyz:make'"),
+    (["--model", "torch:nocolon"], "torch:MODULE:FACTORY"),
+    (["--config", "{tmp}/missing.json"], "config file"),
+    (["--config", "{tmp}/broken.json"], "cannot read config file"),
     (["--model", "logistic"], "needs 2 classes"),
     (["--topology", "hypercube", "-n", "6"], "power-of-two"),
     (["--send-every", "0"], "send interval"),
@@ -146,7 +151,7 @@ def test_real_command_version():
 @pytest.mark.parametrize(
     ("flag", "valid"),
     [
-        ("--model", MODELS),
+        ("--model", (*MODELS, "torch:MODULE:FACTORY")),
         ("--activation", ACTIVATIONS),
         ("--dtype", DTYPES),
         ("--optimizer", OPTIMIZERS),

@@ -6,6 +6,7 @@ What lives here (ALGORITHMS.md §7):
   ``breast_cancer``, ``wine``, ``iris``; offline), an ``.npz`` file, or an
   svmlight/LIBSVM file (a9a, rcv1, covtype, ...), split into train and test
   and standardized on the training part only. Returns a :class:`Dataset`.
+  :func:`dataset_from_arrays` does the same for arrays in memory.
 - :func:`shard_iid` and :func:`shard_by_label` -- which training samples each
   node owns: i.i.d. (a seeded permutation cut into equal parts) or non-i.i.d.
   by label (per-class Dirichlet proportions).
@@ -41,6 +42,7 @@ __all__ = [
     "BatchSampler",
     "Dataset",
     "class_histogram",
+    "dataset_from_arrays",
     "load_dataset",
     "shard_by_label",
     "shard_iid",
@@ -205,7 +207,84 @@ def load_dataset(
             X, y_raw, X_test, y_test_raw = _load_npz(path)
         else:
             X, y_raw = _load_svmlight(path)
+    return _finish(X, y_raw, X_test, y_test_raw, label, test_fraction, seed, standardize)
 
+
+def dataset_from_arrays(
+    X,
+    y,
+    X_test=None,
+    y_test=None,
+    *,
+    name: str = "arrays",
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    standardize: bool = True,
+) -> Dataset:
+    """A :class:`Dataset` from arrays in memory, split and standardized as :func:`load_dataset` does.
+
+    The result equals :func:`load_dataset` of an ``.npz`` file holding the same
+    arrays (``np.savez(path, X=X, y=y[, X_test=..., y_test=...])``): that is how
+    a run given arrays is replayed.
+
+    Parameters
+    ----------
+    X : array_like of shape (m, d)
+        Real features (any real dtype; converted to float64). A pandas
+        DataFrame works (``np.asarray``).
+    y : array_like of shape (m,)
+        Class labels: integers, integral floats or strings (mapped to ids
+        ``0 .. C-1`` in ``np.unique`` order).
+    X_test, y_test : array_like of shape (m_test, d) and (m_test,), optional
+        A test split; both or neither. Without them ``test_fraction`` of
+        ``X, y`` is held out (stratified when possible, seeded by ``seed``).
+    name : str, default "arrays"
+        Recorded as the dataset's name.
+    test_fraction : float, default 0.2
+        In (0, 1); used only without ``X_test``.
+    seed : int, default 0
+        Seed of the train/test split.
+    standardize : bool, default True
+        Zero mean, unit variance with the training part's statistics.
+
+    Returns
+    -------
+    Dataset
+
+    Raises
+    ------
+    DataError
+        Wrong shapes or dtypes, non-finite values, only one of ``X_test`` and
+        ``y_test``, unusable labels, or fewer than 2 training samples.
+    """
+    test_fraction = _check_test_fraction(test_fraction)
+    seed = check_seed(seed, error=DataError)
+    if (X_test is None) != (y_test is None):
+        raise DataError(f"dataset {name!r}: got only one of X_test, y_test: give both or neither")
+    X = _check_features(_as_array(X, "X", name), "X", name)
+    y = _check_labels_shape(_as_array(y, "y", name), "y", X.shape[0], "X", name)
+    if X_test is not None:
+        X_test = _check_features(_as_array(X_test, "X_test", name), "X_test", name)
+        if X_test.shape[1] != X.shape[1]:
+            raise DataError(
+                f"dataset {name!r}: X_test has {X_test.shape[1]} features and X has "
+                f"{X.shape[1]}: they must match"
+            )
+        y_test = _check_labels_shape(
+            _as_array(y_test, "y_test", name), "y_test", X_test.shape[0], "X_test", name
+        )
+    return _finish(X, y, X_test, y_test, name, test_fraction, seed, standardize)
+
+
+def _as_array(a, key: str, where: str) -> np.ndarray:
+    try:
+        return np.asarray(a)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{where!r}: {key} is not an array ({exc}): need a numeric array") from None
+
+
+def _finish(X, y_raw, X_test, y_test_raw, label, test_fraction, seed, standardize) -> Dataset:
+    """Encode labels, split (unless a test part is given), standardize: the end of every loader."""
     if X_test is None or y_test_raw is None:
         y_all, labels = _encode_labels(y_raw, label)
         X_train, X_test, y_train, y_test = _split(X, y_all, test_fraction, seed, label)

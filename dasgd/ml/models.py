@@ -15,7 +15,10 @@ name               class                       what it is
 ``mlp``            :class:`MLP`                fully connected net, softmax output
 =================  ==========================  ========================================
 
-Build one with :func:`build_model`. Conventions shared by all models:
+Build one with :func:`build_model`. Any PyTorch module plus a loss runs as a
+model too: a name ``torch:MODULE:FACTORY`` builds a
+:class:`dasgd.ml.torch_model.TorchModel` (torch is imported only then).
+Conventions shared by all models:
 
 - ``X`` is a batch of shape ``(m, n_features)``; it is cast to ``params.dtype``
   (``X.astype(params.dtype, copy=False)``), so all arithmetic, the gradient and
@@ -54,10 +57,16 @@ __all__ = [
     "LeastSquares",
     "MLP",
     "build_model",
+    "check_model_name",
 ]
 
 MODELS: tuple[str, ...] = ("softmax", "logistic", "least_squares", "mlp")
 """Names accepted by :func:`build_model`."""
+
+#: Prefix of the names of PyTorch models (:mod:`dasgd.ml.torch_model`).
+TORCH_PREFIX = "torch:"
+
+_VALID_MODELS = f"choose one of {', '.join(MODELS)}, or torch:MODULE:FACTORY for a PyTorch model"
 
 ACTIVATIONS: tuple[str, ...] = ("relu", "tanh")
 """Hidden-layer activations of :class:`MLP`."""
@@ -820,8 +829,20 @@ def build_model(
     Raises
     ------
     ConfigError
-        For an unknown name or an invalid size, activation or penalty.
+        For an unknown name or an invalid size, activation or penalty; for a
+        ``torch:`` spec also when torch is not installed or the factory cannot
+        be imported or does not build a usable module (see
+        :class:`dasgd.ml.torch_model.TorchModel`).
     """
+    if isinstance(name, str) and name.startswith(TORCH_PREFIX):
+        try:
+            from .torch_model import TorchModel, load_factory
+        except ImportError as exc:
+            raise ConfigError(
+                f"model {name!r} needs PyTorch, which cannot be imported ({exc}): "
+                "pip install 'dasgd[torch]' (--model)"
+            ) from None
+        return TorchModel(load_factory(name), n_features, n_classes, spec=name, l2=l2)
     if name == "softmax":
         return SoftmaxRegression(n_features, n_classes, l2=l2)
     if name == "logistic":
@@ -830,4 +851,27 @@ def build_model(
         return LeastSquares(n_features, n_classes, l2=l2)
     if name == "mlp":
         return MLP(n_features, n_classes, hidden=hidden, activation=activation, l2=l2)
-    raise ConfigError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
+    raise ConfigError(f"unknown model {name!r}: {_VALID_MODELS}")
+
+
+def check_model_name(name) -> str:
+    """``name`` if it is one of :data:`MODELS` or looks like ``torch:MODULE:FACTORY``.
+
+    Only the form is checked here (no import); :func:`build_model` imports.
+
+    Raises
+    ------
+    ConfigError
+        Naming the value and the valid names.
+    """
+    if name in MODELS:
+        return name
+    if isinstance(name, str) and name.startswith(TORCH_PREFIX):
+        parts = name[len(TORCH_PREFIX) :].split(":")
+        if len(parts) == 2 and all(p.strip() for p in parts):
+            return name
+        raise ConfigError(
+            f"torch model spec must be torch:MODULE:FACTORY, e.g. torch:mymodels:make_cnn, "
+            f"got {name!r} (--model)"
+        )
+    raise ConfigError(f"unknown model {name!r}: {_VALID_MODELS} (--model)")

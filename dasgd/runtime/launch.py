@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -142,7 +143,7 @@ class _Progress:
         self.server_id = server_id
         self.bar = None
         if enabled:
-            from tqdm import tqdm
+            from tqdm.auto import tqdm  # a widget in notebooks, text in terminals
 
             self.bar = tqdm(
                 total=total_steps, unit="step", desc=f"n={n_nodes}", dynamic_ncols=True, leave=True
@@ -178,18 +179,30 @@ class _Progress:
 
 
 def run(
-    config: RunConfig, *, progress: bool = True, hosts: HostSpec | None = None
+    config: RunConfig,
+    *,
+    progress: bool = True,
+    hosts: HostSpec | None = None,
+    arrays: dict | None = None,
 ) -> tuple[Path, dict]:
     """Run DASGD (one process per node) or a PS baseline (workers + server), and summarize it.
+
+    Callable from any thread: the SIGTERM handler (SIGTERM stops the run like
+    Ctrl-C) is installed only when called from the main thread, where signal
+    handlers can be set; on every path out, normal or not, every process is
+    stopped and reaped.
 
     Parameters
     ----------
     config : RunConfig
     progress : bool
-        Show a progress bar on stderr.
+        Show a progress bar on stderr (``tqdm.auto``: a widget in notebooks).
     hosts : HostSpec, optional
         This launcher's part of a run over several hosts
         (:mod:`dasgd.runtime.rendezvous`); default: the whole run here.
+    arrays : dict, optional
+        The dataset as arrays (``X``, ``y``[, ``X_test``, ``y_test``]) instead
+        of ``config.data.dataset``; see :func:`dasgd.rundir.prepare_run`.
 
     Returns
     -------
@@ -224,7 +237,7 @@ def run(
             curve=curve,
         )
     try:
-        config, run_dir, context = prepare_run(config)
+        config, run_dir, context = prepare_run(config, arrays=arrays)
     except BaseException:
         if server is not None:
             server.close()
@@ -335,7 +348,11 @@ def _launch_local(config, run_dir, context, hosts: HostSpec, link, progress: boo
     env = dict(os.environ)
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         env[var] = "1"
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
+    # a torch model's factory is imported by every node from where the launcher found it
+    model_path = getattr(context["model"], "import_path", None)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH"), model_path) if p
+    )
     ctx = zmq.Context()
     control = ctx.socket(zmq.ROUTER)
     control.setsockopt(zmq.LINGER, 0)
@@ -356,7 +373,10 @@ def _launch_local(config, run_dir, context, hosts: HostSpec, link, progress: boo
     def on_sigterm(signum, frame):  # `kill`, `timeout`, a scheduler's cancel: stop like Ctrl-C
         raise KeyboardInterrupt
 
-    previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
+    # signal.signal works only in the main thread; elsewhere (a notebook's or an
+    # application's worker thread) SIGTERM keeps its handler and the finally still reaps
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous_handler = signal.signal(signal.SIGTERM, on_sigterm) if in_main_thread else None
     try:
         for i in local:
             err = (run_dir / f"{names[i]}.stderr").open("wb")
@@ -482,7 +502,8 @@ def _launch_local(config, run_dir, context, hosts: HostSpec, link, progress: boo
             )
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous_handler)
         bar.close()
         stop_processes(list(procs.values()))
         for f in stderr_files:

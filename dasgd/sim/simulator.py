@@ -607,7 +607,11 @@ class Simulation:
 
 
 def simulate(
-    config: RunConfig, *, costs: SimCosts | None = None, progress: bool = True
+    config: RunConfig,
+    *,
+    costs: SimCosts | None = None,
+    progress: bool = True,
+    arrays: dict | None = None,
 ) -> tuple[Path, dict]:
     """Simulate a DASGD, ps-async or ps-sync run in virtual time and summarize it.
 
@@ -620,6 +624,9 @@ def simulate(
         Modelled host costs; default :class:`SimCosts`.
     progress : bool
         Show a progress bar on stderr.
+    arrays : dict, optional
+        The dataset as arrays (``X``, ``y``[, ``X_test``, ``y_test``]) instead
+        of ``config.data.dataset``; see :func:`dasgd.rundir.prepare_run`.
 
     Returns
     -------
@@ -643,7 +650,9 @@ def simulate(
     t_real = time.perf_counter()
     costs = costs or SimCosts()
     _check_memory(config)
-    config, run_dir, context = prepare_run(config, write_shards=False, check_ports=False)
+    config, run_dir, context = prepare_run(
+        config, write_shards=False, check_ports=False, arrays=arrays
+    )
     sim = Simulation(config, run_dir, context, costs, progress)
     t_loop = time.perf_counter()
     try:
