@@ -20,10 +20,13 @@ file), and :func:`options_namespace` turns the keyword options of
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import math
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from . import __version__
@@ -990,7 +993,11 @@ def main(argv: list[str] | None = None) -> int:
 
     ``--help`` and ``--version`` return 0, a usage error (unknown flag, bad
     value, a value outside a flag's choices) prints one line and returns 2.
+    ``kill -USR1 PID`` makes a running ``dasgd`` print every thread's stack to
+    stderr (:mod:`faulthandler`), to see where a launcher or node waits.
     """
+    if threading.current_thread() is threading.main_thread():
+        faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

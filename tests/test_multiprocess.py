@@ -152,7 +152,14 @@ def start_command(tmp_path, *args):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env,
+        # a shell's background job (`nohup ... &`, how CI may start pytest) inherits SIGINT
+        # ignored, and Python then keeps ignoring it: give the launcher Ctrl-C as a terminal does
+        preexec_fn=_default_sigint,
     )
+
+
+def _default_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def node_pids(proc, n):
@@ -209,7 +216,13 @@ def test_ctrl_c_stops_every_node(tmp_path):
         pids = node_pids(proc, 3)
         wait_training(tmp_path)
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:  # say where it waits
+            proc.send_signal(signal.SIGUSR1)  # faulthandler: every thread's stack to stderr
+            proc.kill()
+            _, err = proc.communicate(timeout=10)
+            pytest.fail(f"dasgd run ignored Ctrl-C for 60 s; its stacks:\n{err.decode()[-4000:]}")
     finally:
         proc.kill()
         proc.wait(timeout=10)
