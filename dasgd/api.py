@@ -71,8 +71,9 @@ def _prepare(command: str, config, options: dict):
             "dataset 'arrays' names data given as arrays: pass dataset=(X, y) or a name or path"
         )
     hosts = None
-    if command == "run":  # as `dasgd run`: its several-host options and environment count
-        run_config, hosts = run_config_and_hosts(args)
+    if command == "run":  # `dasgd run`'s several-host options; not a scheduler's environment
+        # (a notebook on a SLURM allocation is not a rank of a dasgd run unless told so)
+        run_config, hosts = run_config_and_hosts(args, environ={})
     else:
         run_config = config_from_args(args)
     check_model_name(run_config.model.name)

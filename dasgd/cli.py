@@ -816,8 +816,11 @@ def _factory_spec(factory) -> str:
     return spec_of(factory)
 
 
-def run_config_and_hosts(args: argparse.Namespace):
+def run_config_and_hosts(args: argparse.Namespace, environ=None):
     """The :class:`RunConfig` and this launcher's hosts (``dasgd run``'s several-host options).
+
+    ``environ`` (default :data:`os.environ`) is where scheduler ranks are
+    read from when ``--nhosts`` is not given; the Python API passes ``{}``.
 
     :func:`config_from_args`, then, for a run over several hosts (``--nhosts``
     or a torchrun/SLURM/Open MPI environment: see
@@ -834,6 +837,7 @@ def run_config_and_hosts(args: argparse.Namespace):
     from .runtime.rendezvous import hosts_from_env
 
     hosts = hosts_from_env(
+        environ,
         nhosts=args.nhosts,
         host_rank=args.host_rank,
         nproc_per_host=args.nproc_per_host,
@@ -996,8 +1000,11 @@ def main(argv: list[str] | None = None) -> int:
     ``kill -USR1 PID`` makes a running ``dasgd`` print every thread's stack to
     stderr (:mod:`faulthandler`), to see where a launcher or node waits.
     """
-    if threading.current_thread() is threading.main_thread():
-        faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
+    if argv is None and threading.current_thread() is threading.main_thread():
+        try:  # the command line only (not main([...]) from Python, where stderr may be no file)
+            faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
+        except (OSError, ValueError, AttributeError):
+            pass
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
