@@ -68,7 +68,7 @@ def _check_ports_free(host: str, ports: list[int]) -> None:
 def prepare_run(
     config: RunConfig,
     *,
-    write_shards: bool = True,
+    write_shards=True,
     check_ports: bool = True,
     arrays: dict | None = None,
 ) -> tuple[RunConfig, Path, dict]:
@@ -78,9 +78,10 @@ def prepare_run(
     ----------
     config : RunConfig
         As given by the user; ``n_nodes`` may be None for a topology file.
-    write_shards : bool
-        Write every node's shard and the test split under ``data/`` (node
-        processes read them; the simulator keeps them in memory).
+    write_shards : bool or collection of int
+        Write every node's shard (or those of the given node ids: one host's
+        share of a run over several hosts) and the test split under ``data/``
+        (node processes read them; the simulator keeps them in memory).
     check_ports : bool
         Check that a tcp ``--base-port`` range is free (a simulation binds nothing).
     arrays : dict, optional
@@ -210,6 +211,8 @@ def prepare_run(
     np.save(run_dir / "x0.npy", x0)
     if write_shards:
         for i, idx in enumerate(shards):
+            if write_shards is not True and i not in write_shards:
+                continue
             np.save(run_dir / "data" / f"shard-{i}-X.npy", dataset.X_train[idx])
             np.save(run_dir / "data" / f"shard-{i}-y.npy", dataset.y_train[idx])
         np.save(run_dir / "data" / "test-X.npy", dataset.X_test)

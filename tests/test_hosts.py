@@ -220,6 +220,10 @@ def test_three_loopback_hosts_drain_to_one_model(tmp_path):
     # each host wrote its own nodes' files, and got the run's summary
     (run1,) = (tmp_path / "h1").iterdir()
     assert sorted(p.name for p in run1.glob("node-?.npy")) == ["node-2.npy", "node-3.npy"]
+    assert sorted(p.name for p in run1.glob("data/shard-*-X.npy")) == [
+        "shard-2-X.npy",
+        "shard-3-X.npy",
+    ]
     assert json.loads((run1 / "summary.json").read_text())["checks"] == summary["checks"]
     # one clock across hosts: no gradient's model holds a gradient that finished later
     analysis = json.loads((run0 / "analysis.json").read_text())

@@ -237,7 +237,13 @@ def run(
             curve=curve,
         )
     try:
-        config, run_dir, context = prepare_run(config, arrays=arrays)
+        # a host writes its own nodes' shards only (n is known once hosts are several)
+        local = (
+            set(hosts.local_ids(config.n_nodes, config.algorithm != "dasgd"))
+            if hosts.multi
+            else True
+        )
+        config, run_dir, context = prepare_run(config, arrays=arrays, write_shards=local)
     except BaseException:
         if server is not None:
             server.close()
