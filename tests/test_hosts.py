@@ -448,3 +448,36 @@ def test_two_hosts_with_curve_keys_encrypt_the_rendezvous_and_the_links(tmp_path
     assert finish(procs) == [0, 0], [output(tmp_path, k) for k in range(2)]
     summary = json.loads((tmp_path / "h0" / "r" / "summary.json").read_text())
     assert summary["checks"]["exactly_once"] and summary["run"]["n_nodes"] == 4
+
+
+def test_the_rendezvous_drops_malformed_joins_and_still_starts():
+    import msgpack
+    import zmq
+
+    from dasgd.runtime.rendezvous import HostLink, RendezvousServer
+
+    port = free_port()
+    spec = HostSpec(nhosts=2, host_rank=0, nproc_per_host=1, rdzv_endpoint=f"127.0.0.1:{port}")
+    server = RendezvousServer(spec, "127.0.0.1", timeout_s=20, silence_s=20, collect=None)
+    server.start()
+    ctx = zmq.Context.instance()
+    stranger = ctx.socket(zmq.DEALER)
+    stranger.setsockopt(zmq.LINGER, 0)
+    stranger.connect(f"tcp://127.0.0.1:{port}")
+    for garbage in (b"\x00\xff", msgpack.packb({"kind": "join", "host_rank": 1, "addresses": 5})):
+        stranger.send(garbage)
+    links = [
+        HostLink(HostSpec(**{**spec.__dict__, "host_rank": k}), timeout_s=20) for k in range(2)
+    ]
+    try:
+        wait_for(lambda: server.malformed >= 1, 10, "the malformed join to be dropped")
+        for k, link in enumerate(links):
+            link.join({"train": {"lr": 0.05}}, "digest", {2 * k: f"tcp://127.0.0.1:{k + 1}"})
+        starts = [link.wait_for("start", 10) for link in links]
+        assert starts[0]["addresses"] == {"0": "tcp://127.0.0.1:1", "2": "tcp://127.0.0.1:2"}
+    finally:
+        for link in links:
+            link.close()
+        stranger.close()
+        server.stop()
+        server.join(timeout=5)

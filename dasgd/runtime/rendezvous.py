@@ -320,6 +320,18 @@ def _unpack(raw: bytes) -> dict | None:
     return message
 
 
+def _valid_join(message: dict) -> bool:
+    """True if a ``join`` has the fields and types the rendezvous uses."""
+    addresses = message.get("addresses")
+    return (
+        isinstance(message.get("host_rank"), int)
+        and isinstance(message.get("config"), dict)
+        and isinstance(message.get("data_digest"), str)
+        and isinstance(addresses, dict)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in addresses.items())
+    )
+
+
 def mismatch(reference: dict, join: dict) -> str | None:
     """One line saying how a host's ``join`` differs from host 0's, or None if it does not."""
     rank = join.get("host_rank")
@@ -382,6 +394,7 @@ class RendezvousServer(threading.Thread):
         self.silence_s = silence_s
         self.collect = collect
         self.error: str | None = None
+        self.malformed = 0
         self._abort_message: dict | None = None
         self._halt = threading.Event()
         host, port = split_endpoint(spec.rdzv_endpoint)
@@ -492,6 +505,9 @@ class RendezvousServer(threading.Thread):
                 )
                 return
             if message is None or message["kind"] != "join":
+                continue
+            if not _valid_join(message):  # malformed: dropped and counted, never fatal
+                self.malformed += 1
                 continue
             rank = message.get("host_rank")
             if not isinstance(rank, int) or not 0 <= rank < n or rank in joins:
