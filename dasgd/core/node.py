@@ -258,6 +258,20 @@ class DasgdNode:
         forward.payload = payload
         return [forward]
 
+    def node_failed(self, node: int) -> None:
+        """A node of the run died (``--on-node-failure continue``): stop sending to or waiting for it.
+
+        See :meth:`NodeProtocol.node_failed`; the next :meth:`advance` may
+        find the drain complete without it.
+
+        Raises
+        ------
+        ValueError
+            If ``node`` is this node or not a node of the run.
+        """
+        self.protocol.node_failed(node)
+        self.neighbours = [u for u in self.neighbours if u != node]
+
     # -- stepping ------------------------------------------------------------
     def advance(
         self,

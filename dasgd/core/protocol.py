@@ -22,6 +22,14 @@ End of run (DESIGN.md §8, a dasgd choice): a node that stops stepping calls
 ``fin`` it knows, for all n origins, is *complete* and tells its neighbours once
 (``complete``). It may stop when it and all its neighbours are complete: no
 neighbour then needs anything it could relay.
+
+Node failures (``--on-node-failure continue``): the driver reports a dead node
+with :meth:`~NodeProtocol.node_failed`. It leaves the neighbours (nothing is
+sent to it, no ``complete`` is awaited from it) and the drain's bookkeeping
+(no ``fin`` is awaited from it; a ``fin`` it sent before dying is still
+honoured), and its deltas are relayed without pruning from then on: the
+pruned relay counts on the origin sending to its own neighbours, which a dead
+origin no longer does.
 """
 
 from __future__ import annotations
@@ -185,6 +193,9 @@ class NodeProtocol:
             )
         self.n_nodes = n_nodes
         self.send_every = send_every
+        self._alone = (
+            not self.neighbours
+        )  # from the start: a node whose neighbours died still seals
         self._adjacency = adjacency
         self.n_params = n_params
         self.dtype = dtype
@@ -209,6 +220,8 @@ class NodeProtocol:
         self._fins_known = 0
         self._complete_announced = False
         self._neighbours_complete: set[int] = set()
+        #: nodes reported dead (:meth:`node_failed`)
+        self.failed: set[int] = set()
 
     # -- local steps --------------------------------------------------------
     def read_model(self) -> None:
@@ -247,7 +260,7 @@ class NodeProtocol:
         if self.finished:
             raise RuntimeError("local_step() after finish()")
         self.vv_total += 1
-        if not self.neighbours:  # a lone node: plain SGD, nothing to seal or send
+        if self._alone:  # a lone node: plain SGD, nothing to seal or send
             self.vv[self.node_id] += 1
             return None
         if self._window_steps == 0:
@@ -405,6 +418,31 @@ class NodeProtocol:
             and not self._seen(header.origin, header.seq)
         )
 
+    def node_failed(self, node: int) -> None:
+        """Forget a dead node: no longer a neighbour, nor awaited by the drain.
+
+        Its deltas already applied stay applied; later ones (still in flight)
+        are applied and relayed to every other neighbour, without the pruning
+        of the origin's neighbours. Idempotent.
+
+        Parameters
+        ----------
+        node : int
+            The node that died, in 0..n_nodes-1 and not this node.
+
+        Raises
+        ------
+        ValueError
+            If ``node`` is this node or outside 0..n_nodes-1.
+        """
+        if node == self.node_id or not 0 <= node < self.n_nodes:
+            raise ValueError(f"node {self.node_id} told that node {node} failed: not a peer")
+        if node in self.failed:
+            return
+        self.failed.add(node)
+        self.neighbours = tuple(u for u in self.neighbours if u != node)
+        self._neighbours_complete.discard(node)
+
     def _record_fin(self, origin: int, deltas: int, steps: int) -> None:
         self._fin_deltas[origin] = deltas
         self._fin_steps[origin] = steps
@@ -412,7 +450,9 @@ class NodeProtocol:
 
     def _relay(self, header: Header) -> Outgoing | None:
         origin, sender = header.origin, header.sender
-        skip = self._adjacency[origin] if self._adjacency is not None else ()
+        skip = ()
+        if self._adjacency is not None and origin not in self.failed:
+            skip = self._adjacency[origin]
         to = tuple(u for u in self.neighbours if u != sender and u != origin and u not in skip)
         if not to:
             return None
@@ -445,15 +485,28 @@ class NodeProtocol:
     # -- drain --------------------------------------------------------------
     @property
     def complete(self) -> bool:
-        """True when a ``fin`` is known from every node and every announced delta is applied."""
+        """True when a ``fin`` is known from every node and every announced delta is applied.
+
+        A failed node (:meth:`node_failed`) without a known ``fin`` is not
+        waited for; one whose ``fin`` is known is held to it.
+        """
+        fin = self._fin_deltas
         if self._fins_known < self.n_nodes:
-            return False
-        # own entries match by construction (the own fin records own counts)
+            if not self.failed:
+                return False
+            known = fin >= 0
+            if self._fins_known + sum(1 for k in self.failed if not known[k]) < self.n_nodes:
+                return False
+            # own entries match by construction (the own fin records own counts)
+            applied = self.applied_deltas.copy()
+            applied[self.node_id] = fin[self.node_id]
+            return bool(
+                np.array_equal(applied[known], fin[known])
+                and np.array_equal(self.vv[known], self._fin_steps[known])
+            )
         applied = self.applied_deltas.copy()
-        applied[self.node_id] = self._fin_deltas[self.node_id]
-        return bool(
-            np.array_equal(applied, self._fin_deltas) and np.array_equal(self.vv, self._fin_steps)
-        )
+        applied[self.node_id] = fin[self.node_id]
+        return bool(np.array_equal(applied, fin) and np.array_equal(self.vv, self._fin_steps))
 
     def announce_complete(self) -> Outgoing | None:
         """Once complete, the ``complete`` message for every neighbour (returned once)."""
@@ -473,7 +526,7 @@ class NodeProtocol:
         """What a node still waits for, for the error message of a drain that timed out."""
         fin = self._fin_deltas
         return {
-            "fin_from": [int(k) for k in np.flatnonzero(fin < 0)],
+            "fin_from": [int(k) for k in np.flatnonzero(fin < 0) if int(k) not in self.failed],
             "deltas_from": [
                 k
                 for k in range(self.n_nodes)
@@ -499,6 +552,7 @@ class NodeProtocol:
             "deltas_applied": int(self.applied_deltas.sum()),
             "duplicates": self.duplicates,
             "complete": self.complete,
+            "failed_nodes": sorted(self.failed),
             "fin_digest": counts_digest(self._fin_deltas, self._fin_steps),
         }
         if detail:

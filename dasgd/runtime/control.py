@@ -12,10 +12,14 @@ kind          direction                  fields
 ``progress``  node -> launcher           ``node`` and the fields of an ``interval`` record
 ``done``      node -> launcher           ``node``
 ``error``     node -> launcher           ``node``, ``message`` (one line)
+``failed``    launcher -> node           ``node`` (the id of a node process that died),
+                                         ``t_s`` (when the launcher saw it, run clock)
 ============  =========================  ==============================================
 
 A node's progress reports are dropped rather than block it; every other wait
-has a deadline.
+has a deadline. ``failed`` is sent only under ``--on-node-failure continue``,
+to every surviving node of the run; a node reads its control socket at least
+every :data:`dasgd.runtime.node.CONTROL_POLL_S` seconds while it runs.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from ..errors import TransportError
 
 __all__ = ["KINDS", "pack", "recv", "send", "unpack"]
 
-KINDS = ("ready", "start", "progress", "done", "error")
+KINDS = ("ready", "start", "progress", "done", "error", "failed")
 
 
 def pack(message: dict) -> bytes:

@@ -12,6 +12,14 @@ all, one shared deadline, then SIGKILL (as ``torch.distributed.elastic``
 does), and raises :class:`~dasgd.errors.NodeFailed` naming the node, its exit
 code, its last words and its log.
 
+Under ``--on-node-failure continue`` (the default) a node process that dies
+once training started does not stop the run: the launcher polls its children
+every :data:`CHILD_POLL_S` seconds, records the failure in ``failures.json``
+(see :func:`_failure_record`) and sends a ``failed`` control message to every
+surviving process, which stops sending to the dead node and waiting for it.
+The parameter server, a ps-sync worker, a node that dies before the run
+starts, and any node of a run over several hosts still stop the run.
+
 The run directory is prepared by :func:`dasgd.rundir.prepare_run` (its layout is
 documented there) and summarized by :func:`dasgd.rundir.write_summary`.
 """
@@ -51,6 +59,9 @@ __all__ = ["run", "stop_processes"]
 
 #: How long stopped nodes get between SIGTERM and SIGKILL.
 TERMINATE_TIMEOUT_S = 5.0
+#: The launcher checks its children at least this often (seconds): the bound on
+#: noticing a dead node process, before the ``failed`` message reaches the others.
+CHILD_POLL_S = 0.2
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent.parent)
 
 
@@ -320,6 +331,41 @@ def _gather(config: RunConfig, run_dir: Path, hosts: HostSpec, link: HostLink) -
     return json.loads(done["summary"])
 
 
+def _failure_record(
+    config: RunConfig, run_dir: Path, name: str, node: int, exit_code: int, t0_unix_s: float, meta
+) -> dict:
+    """What ``failures.json`` says of a node process that died (one entry per node).
+
+    Fields: ``node``, ``exit_code`` (negative: killed by that signal),
+    ``detected_t_s`` (run clock: seconds since start, when the launcher saw
+    the exit; at most :data:`CHILD_POLL_S` after it), ``last_step`` and
+    ``last_record_t_s`` (the last record of its JSONL log, written at least
+    every ``--log-interval-s``), ``planned_steps`` and ``steps_lost``
+    (planned minus ``last_step``: an upper bound, as steps after the last
+    record are unlogged), ``last_words`` (its stderr's last line).
+    """
+    from ..analysis.metrics import read_events
+
+    last = {}
+    try:
+        records = read_events(run_dir / f"{name}.jsonl")
+        last = records[-1] if records else {}
+    except (OSError, ValueError):
+        pass
+    planned = int(local_steps(config.train, meta["shard_sizes"][node]))
+    last_step = int(last.get("step", 0))
+    return {
+        "node": node,
+        "exit_code": exit_code,
+        "detected_t_s": round(time.time() - t0_unix_s, 3),
+        "last_step": last_step,
+        "last_record_t_s": last.get("t_s"),
+        "planned_steps": planned,
+        "steps_lost": max(0, planned - last_step),
+        "last_words": _last_words(run_dir / f"{name}.stderr"),
+    }
+
+
 def _launch_local(config, run_dir, context, hosts: HostSpec, link, progress: bool) -> float:
     """Spawn, start and supervise this host's node processes; returns the wall time in seconds."""
     n = config.n_nodes
@@ -389,14 +435,36 @@ def _launch_local(config, run_dir, context, hosts: HostSpec, link, progress: boo
                 f"stderr: {run_dir / f'{names[i]}.stderr'}"
             )
 
+        failures: dict[int, dict] = {}
+        started = False
+
+        def tolerated(i: int) -> bool:
+            if config.on_node_failure != "continue" or not started or link is not None:
+                return False
+            return config.algorithm == "dasgd" or (config.algorithm == "ps-async" and i < n)
+
         def check_children() -> int:
             running = 0
             for i, proc in procs.items():
                 rc = proc.poll()
                 if rc is None:
                     running += 1
-                elif rc != 0:
-                    raise fail(i, f"exited with code {rc}")
+                elif rc != 0 and i not in failures:
+                    if not tolerated(i):
+                        raise fail(i, f"exited with code {rc}")
+                    failures[i] = _failure_record(config, run_dir, names[i], i, rc, t0_unix_s, meta)
+                    notice = control_messages.pack(
+                        {"kind": "failed", "node": i, "t_s": failures[i]["detected_t_s"]}
+                    )
+                    for j, other in procs.items():
+                        if j != i and other.poll() is None and j in identities:
+                            control.send_multipart([identities[j], notice])
+                    (run_dir / "failures.json").write_text(
+                        json.dumps(sorted(failures.values(), key=lambda f: f["node"]), indent=2)
+                        + "\n"
+                    )
+                    if len(failures) == len([j for j in local if j < n]):
+                        raise fail(i, f"exited with code {rc}, the last node alive")
             return running
 
         def pump(timeout_ms: int, on_message) -> None:
@@ -416,6 +484,7 @@ def _launch_local(config, run_dir, context, hosts: HostSpec, link, progress: boo
 
         identities: dict[int, bytes] = {}
         addresses: dict[int, str] = {}
+        t0_unix_s = time.time()
 
         def on_ready(identity, message):
             if message.get("kind") == "ready":
@@ -453,13 +522,14 @@ def _launch_local(config, run_dir, context, hosts: HostSpec, link, progress: boo
         )
         for i in local:
             control.send_multipart([identities[i], start])
+        started = True
 
         def on_message(identity, message):
             if message.get("kind") == "progress":
                 bar.update(message)
 
         while check_children():
-            pump(200, on_message)
+            pump(int(CHILD_POLL_S * 1000), on_message)
             if link is not None:
                 link.poll()
             if config.timeout_s is not None and time.monotonic() - t_start > config.timeout_s:

@@ -54,6 +54,8 @@ MAX_MALFORMED_LOGGED = 20
 IDLE_CHECK_S = 0.5
 #: Longest single poll while waiting, in seconds (signals and deadlines are checked in between).
 POLL_CAP_S = 0.01
+#: How often (seconds) a running node reads the launcher's control messages (``failed``).
+CONTROL_POLL_S = 0.05
 #: Poll while backpressure or the lead bound holds a node (the transport frees up without a message).
 SHORT_POLL_S = 0.001
 
@@ -146,6 +148,9 @@ class Driver:
         Set by the signal handler: the driver stops at the next check.
     on_progress : callable or None
         Called with each ``interval`` record.
+    on_control : callable or None
+        Called every :data:`CONTROL_POLL_S` seconds or so: reads the
+        launcher's control messages (and calls :meth:`node_failed`).
     """
 
     def __init__(
@@ -160,6 +165,8 @@ class Driver:
         self.malformed = 0
         self.stop_requested = False
         self.on_progress = None
+        self.on_control = None
+        self.failed_nodes: list[int] = []
         self.drained = False
         self.eval_s = 0.0
         self._n_ids = config.n_nodes + (config.algorithm != "dasgd")
@@ -289,6 +296,34 @@ class Driver:
             raise TransportError(f"node {self.machine.node_id} waited {waited_s:.0f} s for {what}")
         return False
 
+    def node_failed(self, node: int, t_s: float | None = None) -> None:
+        """The launcher says ``node`` died: the machine forgets it, the transport drops it.
+
+        Logs a ``node_failed`` record (``failed_node``, ``detected_t_s``: the
+        launcher's run-clock time). A machine without failure handling (the
+        PS worker) ignores it; a repeated report is ignored.
+
+        Raises
+        ------
+        ValueError
+            If ``node`` is this node or not a node of the run.
+        """
+        if node in self.failed_nodes:
+            return
+        handler = getattr(self.machine, "node_failed", None)
+        if handler is None:
+            return
+        handler(node)
+        self.failed_nodes.append(node)
+        self.transport.disconnect(node)
+        self.log.log(
+            time.monotonic(),
+            "node_failed",
+            self.machine.progress_step,
+            failed_node=node,
+            detected_t_s=t_s,
+        )
+
     # -- records ---------------------------------------------------------------
     def _interval(self, now: float, phase: str) -> None:
         machine = self.machine
@@ -327,8 +362,12 @@ class Driver:
         waiting_since = None  # when the current wait for a message began
         drain_since = None
         phase = "train"
+        control_t = now
         while True:
             self._check_stop()
+            if self.on_control is not None and time.monotonic() - control_t >= CONTROL_POLL_S:
+                control_t = time.monotonic()
+                self.on_control()
             work_s = 0.0
             if slowed:  # this process's own work since the last call, waits excluded
                 t = time.perf_counter()
@@ -415,6 +454,9 @@ class Driver:
         fields = machine.final_fields()
         if isinstance(machine, DasgdNode):
             fields["drained"] = self.drained
+        if self.failed_nodes or self.transport.msgs_to_failed:
+            fields["failed_nodes_seen"] = list(self.failed_nodes)
+            fields["msgs_to_failed"] = self.transport.msgs_to_failed
         self.log.log(
             time.monotonic(),
             "final",
@@ -591,8 +633,16 @@ def node_main(run_dir: str, node_id: int, control_address: str) -> int:
                     raise TransportError("the launcher is gone")
                 control.send(control_sock, {"kind": "progress", **record}, droppable=True)
 
+            def read_control():
+                while control_sock.poll(0):
+                    message = control.unpack(control_sock.recv())
+                    if message is not None and message.get("kind") == "failed":
+                        driver.node_failed(int(message["node"]), message.get("t_s"))
+
             driver.on_progress = progress
+            driver.on_control = read_control
             driver.run()
+            read_control()  # a neighbour that died at the end: do not linger on it at close
             driver.write_results(run_dir, name)
         control.send(control_sock, {"kind": "done", "node": node_id})
         return 0
