@@ -325,6 +325,13 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         "(default: %(default)s)",
     )
     g.add_argument(
+        "--delta-store-mib",
+        type=float,
+        default=d.delta_store_mib,
+        help="MiB of recent deltas a node keeps to repair a neighbour after a node failure "
+        "(0 = none; default: %(default)s)",
+    )
+    g.add_argument(
         "--eval-interval-s",
         type=float,
         default=d.eval_interval_s,
@@ -531,6 +538,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         timeout_s=args.timeout_s,
         record_events=args.record_events,
         on_node_failure=args.on_node_failure,
+        delta_store_mib=args.delta_store_mib,
     )
 
 

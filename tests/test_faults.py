@@ -17,8 +17,14 @@ import pytest
 
 from dasgd.analysis.metrics import read_events
 from dasgd.config import RunConfig
+from dasgd.core import wire
+from dasgd.core.node import DasgdNode
 from dasgd.core.protocol import NodeProtocol, adjacency_sets
 from dasgd.errors import ConfigError
+from dasgd.ml.data import BatchSampler
+from dasgd.ml.models import build_model
+from dasgd.ml.optim import build_optimizer
+from dasgd.runtime.launch import derive_fin, repair_links
 from dasgd.runtime.transport import Transport
 from dasgd.topology import neighbours, parse_topology
 
@@ -38,8 +44,8 @@ def test_default_policy_is_continue_and_bad_policy_is_a_config_error():
         RunConfig(on_node_failure="ignore")
 
 
-def test_failed_node_without_fin_is_not_awaited_by_the_drain():
-    # path 0 - 1 - 2: node 2 dies before its fin; node 1 completes and stops without it
+def test_failed_node_is_awaited_only_up_to_the_fin_the_launcher_derives():
+    # path 0 - 1 - 2: node 2 dies before its fin; node 1 completes with the derived fin
     n0, n1 = proto(0, [1], 3), proto(1, [0, 2], 3)
     d2 = proto(2, [1], 3).local_step().header
     n1.receive(d2)
@@ -48,7 +54,16 @@ def test_failed_node_without_fin_is_not_awaited_by_the_drain():
     n1.finish()
     assert not n1.complete and n1.missing["fin_from"] == [2]
     n1.node_failed(2)
-    assert n1.neighbours == (0,) and n1.missing["fin_from"] == []
+    assert n1.neighbours == (0,)
+    assert n1.held(2) == {
+        "deltas": 1,
+        "contiguous": 1,
+        "steps": 1,
+        "fin_deltas": None,
+        "fin_steps": None,
+    }
+    assert not n1.complete  # until the launcher says how many of its deltas count
+    n1.failed_fin(2, 1, 1)
     assert n1.complete
     out = n1.announce_complete()
     assert out.to == (0,)  # nothing more goes to the dead node
@@ -57,6 +72,8 @@ def test_failed_node_without_fin_is_not_awaited_by_the_drain():
     n1.node_failed(2)  # idempotent
     with pytest.raises(ValueError, match="not a peer"):
         n1.node_failed(1)
+    with pytest.raises(ValueError, match="refused"):
+        n1.failed_fin(0, 1, 1)  # node 0 is alive
 
 
 def test_fin_of_a_failed_node_is_still_honoured():
@@ -66,6 +83,7 @@ def test_fin_of_a_failed_node_is_still_honoured():
     n1.finish()
     n1.receive(fin.header)
     n1.node_failed(0)  # died after its fin: its announced delta is still awaited
+    n1.failed_fin(0, 5, 5)  # and the fin it sent wins over a derived one
     assert not n1.complete and n1.missing["deltas_from"] == [0]
     n1.receive(d)
     assert n1.complete
@@ -99,6 +117,99 @@ def test_transport_drops_a_disconnected_neighbour_without_blocking(tmp_path):
         a.send(1, [b"y"])
         assert a.backlog_msgs == 0 and not a.has_pending
         assert a.disconnect(1) == 0
+
+
+@pytest.mark.parametrize(
+    ("spec", "dead", "added"),
+    [("ring", 2, [[1, 3]]), ("topologies/barbell-8.json", 3, [[2, 4]]), ("complete", 0, [])],
+)
+def test_repair_links_keep_the_survivors_connected(spec, dead, added):
+    import networkx as nx
+
+    root = Path(__file__).resolve().parent.parent
+    graph = parse_topology(str(root / spec) if spec.endswith(".json") else spec, 8)
+    overlay = {k: set(neighbours(graph, k)) for k in graph}
+    assert repair_links(overlay, dead) == added
+    assert dead not in overlay and all(dead not in v for v in overlay.values())
+    repaired = nx.Graph([(u, v) for u, vs in overlay.items() for v in vs])
+    assert nx.is_connected(repaired) and repaired.number_of_nodes() == 7
+    if spec == "ring":  # a ring stays a ring
+        assert all(len(v) == 2 for v in overlay.values())
+
+
+def test_derive_fin_takes_a_known_fin_or_the_longest_prefix():
+    held = {"fin_deltas": None, "fin_steps": None}
+    reports = [
+        {**held, "deltas": 3, "contiguous": 3, "steps": 6},
+        {**held, "deltas": 5, "contiguous": 4, "steps": 10},  # a gap at seq 4
+    ]
+    assert derive_fin(reports, 2) == (4, 8)  # 4 full windows of b = 2
+    reports.append({**held, "deltas": 4, "contiguous": 4, "steps": 8})
+    assert derive_fin(reports, 2) == (4, 8)
+    reports.append({"deltas": 1, "contiguous": 1, "steps": 1, "fin_deltas": 6, "fin_steps": 11})
+    assert derive_fin(reports, 2) == (6, 11)
+
+
+def test_have_round_trips_on_the_wire():
+    p = proto(1, [0, 2], 3)
+    p.local_step()
+    out = p.have(2, 0, answer=True)
+    h = wire.decode_header(wire.encode_header(out.header), 3)
+    assert (h.kind, h.origin, h.sender, h.seq, out.to) == ("have", 2, 1, 1, (0,))
+    assert h.base_vv.tolist() == [0, 1, 0]  # its own entry: the deltas it sealed
+
+
+def small_node(node_id, nbrs, n, store_bytes):
+    model = build_model("softmax", 4, 2)
+    rng = np.random.default_rng(node_id)
+    return DasgdNode(
+        node_id,
+        nbrs,
+        n,
+        model=model,
+        X=rng.normal(size=(10, 4)),
+        y=rng.integers(0, 2, size=10),
+        x0=model.init_params(seed=0),
+        optimizer=build_optimizer("sgd", model.n_params, 0.1),
+        sampler=BatchSampler(10, 2, seed=node_id),
+        total_steps=5,
+        send_every=1,
+        delta_store_bytes=store_bytes,
+    )
+
+
+def delta_of(origin, seq, n, n_params, value):
+    vv = np.zeros(n, np.int64)
+    header = wire.Header("delta", origin, origin, seq, 1, vv, vv, "float64", (n_params,))
+    return header, np.full(n_params, value)
+
+
+@pytest.mark.parametrize("store_bytes", [1 << 20, 1])
+def test_anti_entropy_sends_what_a_neighbour_lacks_from_the_store(store_bytes):
+    # triangle 0-1-2 with node 2 dead: node 0 got its deltas 0 and 1, node 1 only delta 0
+    a, b = small_node(0, [1, 2], 3, store_bytes), small_node(1, [0, 2], 3, store_bytes)
+    d = a.n_params
+    for seq in (0, 1):
+        header, payload = delta_of(2, seq, 3, d, seq + 1.0)
+        a.on_message(header, payload)
+    header, payload = delta_of(2, 0, 3, d, 1.0)
+    b.on_message(header, payload)
+    (ask,) = b.node_failed(2)  # b knows first: asks a
+    assert ask.to == (0,) and ask.header.seq == 0
+    out = a.on_message(wire.decode_header(wire.encode_header(ask.header), 3), None)
+    # a learns the failure from the have, asks b in turn, sends what b lacks, answers
+    kinds = [(o.header.kind, o.header.origin, o.header.seq, o.to) for o in out]
+    assert kinds[0] == ("have", 2, 0, (1,))
+    assert kinds[-1] == ("have", 2, 1, (1,))
+    pushed = [o for o in out if o.header.kind == "delta"]
+    if store_bytes > 1:
+        assert [(o.header.origin, o.header.seq) for o in pushed] == [(2, 1)]
+        b.on_message(pushed[0].header, np.array(pushed[0].payload))
+        np.testing.assert_allclose(b.params, a.params)
+        assert a.store_misses == 0
+    else:  # nothing fits in the store: the miss is counted, not hidden
+        assert pushed == [] and a.store_misses == 1
+    assert b.on_message(out[-1].header, None) == []  # an answer is not answered
 
 
 # -- real processes ------------------------------------------------------------------------
@@ -202,7 +313,31 @@ def test_ring_survives_a_killed_node(tmp_path):
     kill_when_stepping(tmp_path, proc, 2, 5)
     out, err = finish(proc)
     assert proc.returncode == 0, err
-    check_survivors(tmp_path, out, 5, 2)
+    summary = check_survivors(tmp_path, out, 5, 2)
+    changes = (tmp_path / "runs" / "r" / "topology-changes.jsonl").read_text().splitlines()
+    assert [json.loads(c)["added_edges"] for c in changes] == [[[1, 3]]]  # still a ring
+    assert summary["nodes"][2]["fin"]["reports"] == 4
+
+
+@mp
+def test_barbell_survives_its_bridge_node_dying(tmp_path):
+    # without the repair link 2-4 the cliques {0,1,2} and {4,5,6,7} would lose each other
+    topology = str(Path(__file__).resolve().parent.parent / "topologies" / "barbell-8.json")
+    proc = start_command(
+        tmp_path, "--topology", topology, "--steps", "400", "--compute-time", "0.02"
+    )
+    kill_when_stepping(tmp_path, proc, 3, 8)
+    out, err = finish(proc)
+    assert proc.returncode == 0, err
+    summary = check_survivors(tmp_path, out, 8, 3)
+    assert summary["nodes"][3]["added_edges"] == [[2, 4]]
+    run_dir = tmp_path / "runs" / "r"
+    assert read_events(run_dir / "node-2.jsonl", "node_failed")[0]["links"] == [4]
+    # the halves exchanged what each had sealed before the link came up
+    assert (
+        sum(read_events(run_dir / f"node-{i}.jsonl", "final")[0]["deltas_pushed"] for i in (2, 4))
+        > 0
+    )
 
 
 @mp

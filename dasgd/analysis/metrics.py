@@ -430,6 +430,8 @@ def build_summary(
     }
     if failures:
         checks["survivors"] = len(alive)
+        # deltas a neighbour asked for (anti-entropy) that had left this node's store
+        checks["delta_store_misses"] = int(sum(f.get("delta_store_misses", 0) for f in finals))
     return {"run": run, "nodes": nodes, "edges": edges, "checks": checks}
 
 
@@ -627,6 +629,14 @@ def format_summary(summary: dict, *, max_edges: int = 32) -> str:
         f"{checks['consensus_distance_rel']:.2e}; every delta applied exactly once at every "
         f"{'survivor' if failed else 'node'}: {'yes' if checks['exactly_once'] else 'NO'}"
         f"{'' if checks['all_drained'] else ' (drain timed out on some node)'}",
+        *(
+            [
+                f"the delta store was too small to repair: {checks['delta_store_misses']} deltas "
+                "a neighbour lacked had been evicted (--delta-store-mib); survivors may differ"
+            ]
+            if checks.get("delta_store_misses")
+            else []
+        ),
         f"wall time {run['wall_s']:.1f} s, training {run['train_s']:.1f} s, "
         f"{run['deltas_sealed']} deltas sealed, {run['duplicates']} duplicates dropped, "
         f"{run['malformed']} malformed messages",

@@ -25,11 +25,14 @@ neighbour then needs anything it could relay.
 
 Node failures (``--on-node-failure continue``): the driver reports a dead node
 with :meth:`~NodeProtocol.node_failed`. It leaves the neighbours (nothing is
-sent to it, no ``complete`` is awaited from it) and the drain's bookkeeping
-(no ``fin`` is awaited from it; a ``fin`` it sent before dying is still
-honoured), and its deltas are relayed without pruning from then on: the
-pruned relay counts on the origin sending to its own neighbours, which a dead
-origin no longer does.
+sent to it, no ``complete`` is awaited from it) and its deltas are relayed
+without pruning from then on: the pruned relay counts on the origin sending
+to its own neighbours, which a dead origin no longer does. Repair links to new
+neighbours come with :meth:`~NodeProtocol.add_neighbour`. Neighbours then
+exchange ``have`` messages (anti-entropy; the owner sends the deltas a
+neighbour lacks from its store), and the drain waits for the dead node's
+``fin`` as before: its own if it sent one, otherwise the one the launcher
+derives from what every survivor holds (:meth:`~NodeProtocol.failed_fin`).
 """
 
 from __future__ import annotations
@@ -398,6 +401,8 @@ class NodeProtocol:
         if kind == "complete":
             self._neighbours_complete.add(sender)
             return False, None
+        if kind == "have":  # the owner answers it (DasgdNode: deltas from its store)
+            return False, None
         if kind == "fin":
             self._record_fin(origin, header.seq, header.steps)
             return False, self._relay(header)
@@ -443,6 +448,73 @@ class NodeProtocol:
         self.neighbours = tuple(u for u in self.neighbours if u != node)
         self._neighbours_complete.discard(node)
 
+    def add_neighbour(self, node: int) -> None:
+        """A repair link to ``node`` (a live node): send to it and await its ``complete`` too.
+
+        Relays keep pruning by the original topology (``adjacency``): an
+        origin still sends its deltas to its original neighbours itself.
+        Idempotent.
+
+        Raises
+        ------
+        ValueError
+            If ``node`` is this node, outside 0..n_nodes-1 or failed.
+        """
+        if node == self.node_id or not 0 <= node < self.n_nodes or node in self.failed:
+            raise ValueError(f"node {self.node_id} cannot link to node {node}")
+        if node in self.neighbours:
+            return
+        self.neighbours = tuple(sorted((*self.neighbours, node)))
+        self.staleness.add_edge(node)
+
+    def failed_fin(self, node: int, deltas: int, steps: int) -> None:
+        """The ``fin`` of a dead node as the launcher derived it from the survivors' holdings.
+
+        Ignored when the node's own ``fin`` is known. From then on the drain
+        waits for exactly ``deltas`` deltas and ``steps`` steps of it.
+
+        Raises
+        ------
+        ValueError
+            If ``node`` was not reported dead, or a count is negative.
+        """
+        if node not in self.failed or deltas < 0 or steps < 0:
+            raise ValueError(f"fin of node {node} ({deltas} deltas, {steps} steps) refused")
+        if self._fin_deltas[node] < 0:
+            self._record_fin(node, deltas, steps)
+
+    def held(self, node: int) -> dict:
+        """What this node holds of ``node``'s deltas (the launcher's input to :meth:`failed_fin`).
+
+        Returns
+        -------
+        dict
+            ``deltas`` (applied), ``contiguous`` (every seq below is applied),
+            ``steps`` (its steps in this model), ``fin_deltas`` and
+            ``fin_steps`` (its own ``fin``, or None).
+        """
+        fin = int(self._fin_deltas[node])
+        return {
+            "deltas": int(self.applied_deltas[node]),
+            "contiguous": int(self._applied_below[node]),
+            "steps": int(self.vv[node]),
+            "fin_deltas": fin if fin >= 0 else None,
+            "fin_steps": int(self._fin_steps[node]) if fin >= 0 else None,
+        }
+
+    def contiguous_counts(self) -> np.ndarray:
+        """Per origin, the number of its first deltas all applied here (own: all sealed)."""
+        counts = self._applied_below.copy()
+        counts[self.node_id] = self.deltas_sealed
+        return counts
+
+    def have(self, failed: int, to: int, *, answer: bool) -> Outgoing:
+        """The ``have`` message (anti-entropy after ``failed`` died) for neighbour ``to``."""
+        header = Header(
+            "have", failed, self.node_id, int(answer), 0, self.contiguous_counts(), self.vv
+        )
+        return Outgoing(header, (to,))
+
     def _record_fin(self, origin: int, deltas: int, steps: int) -> None:
         self._fin_deltas[origin] = deltas
         self._fin_steps[origin] = steps
@@ -487,26 +559,16 @@ class NodeProtocol:
     def complete(self) -> bool:
         """True when a ``fin`` is known from every node and every announced delta is applied.
 
-        A failed node (:meth:`node_failed`) without a known ``fin`` is not
-        waited for; one whose ``fin`` is known is held to it.
+        A dead node's ``fin`` is its own, or the one :meth:`failed_fin` records.
         """
-        fin = self._fin_deltas
         if self._fins_known < self.n_nodes:
-            if not self.failed:
-                return False
-            known = fin >= 0
-            if self._fins_known + sum(1 for k in self.failed if not known[k]) < self.n_nodes:
-                return False
-            # own entries match by construction (the own fin records own counts)
-            applied = self.applied_deltas.copy()
-            applied[self.node_id] = fin[self.node_id]
-            return bool(
-                np.array_equal(applied[known], fin[known])
-                and np.array_equal(self.vv[known], self._fin_steps[known])
-            )
+            return False
+        # own entries match by construction (the own fin records own counts)
         applied = self.applied_deltas.copy()
-        applied[self.node_id] = fin[self.node_id]
-        return bool(np.array_equal(applied, fin) and np.array_equal(self.vv, self._fin_steps))
+        applied[self.node_id] = self._fin_deltas[self.node_id]
+        return bool(
+            np.array_equal(applied, self._fin_deltas) and np.array_equal(self.vv, self._fin_steps)
+        )
 
     def announce_complete(self) -> Outgoing | None:
         """Once complete, the ``complete`` message for every neighbour (returned once)."""
@@ -526,7 +588,7 @@ class NodeProtocol:
         """What a node still waits for, for the error message of a drain that timed out."""
         fin = self._fin_deltas
         return {
-            "fin_from": [int(k) for k in np.flatnonzero(fin < 0) if int(k) not in self.failed],
+            "fin_from": [int(k) for k in np.flatnonzero(fin < 0)],
             "deltas_from": [
                 k
                 for k in range(self.n_nodes)

@@ -56,6 +56,9 @@ IDLE_CHECK_S = 0.5
 POLL_CAP_S = 0.01
 #: How often (seconds) a running node reads the launcher's control messages (``failed``).
 CONTROL_POLL_S = 0.05
+#: A message from an unknown sender waits this long (seconds) for the launcher's news of a
+#: repair link before it is dropped as malformed.
+CONTROL_WAIT_S = 1.0
 #: Poll while backpressure or the lead bound holds a node (the transport frees up without a message).
 SHORT_POLL_S = 0.001
 
@@ -167,6 +170,8 @@ class Driver:
         self.on_progress = None
         self.on_control = None
         self.failed_nodes: list[int] = []
+        self._in_control = False
+        self._waited_for_link: set[int] = set()
         self.drained = False
         self.eval_s = 0.0
         self._n_ids = config.n_nodes + (config.algorithm != "dasgd")
@@ -205,7 +210,21 @@ class Driver:
             )
             if self.events is not None:
                 self.events.now = time.monotonic()
-            outs = machine.on_message(header, payload)
+            try:
+                outs = machine.on_message(header, payload)
+            except WireError as exc:
+                # a repair link's first message may overtake the launcher's news of it:
+                # wait for that news once per sender
+                if (
+                    self.on_control is None
+                    or self._in_control
+                    or header.sender in self._waited_for_link
+                    or "not a neighbour" not in str(exc)
+                ):
+                    raise
+                self._waited_for_link.add(header.sender)
+                self.on_control(CONTROL_WAIT_S)
+                outs = machine.on_message(header, payload)
         except WireError as exc:
             self.malformed += 1
             if self.malformed <= MAX_MALFORMED_LOGGED:
@@ -296,12 +315,24 @@ class Driver:
             raise TransportError(f"node {self.machine.node_id} waited {waited_s:.0f} s for {what}")
         return False
 
-    def node_failed(self, node: int, t_s: float | None = None) -> None:
+    def node_failed(
+        self, node: int, t_s: float | None = None, links=(), addresses=None
+    ) -> dict | None:
         """The launcher says ``node`` died: the machine forgets it, the transport drops it.
 
-        Logs a ``node_failed`` record (``failed_node``, ``detected_t_s``: the
-        launcher's run-clock time). A machine without failure handling (the
-        PS worker) ignores it; a repeated report is ignored.
+        Every message already in the inbox is handled before the report
+        (what the dead node sent before dying counts). Repair links (``links``, node ids
+        with their inbox ``addresses``) are connected, the machine's ``have``
+        requests sent, and a ``node_failed`` record logged (``failed_node``,
+        ``detected_t_s``: the launcher's run-clock time, ``links``). A
+        machine without failure handling (the PS worker) ignores it; a
+        repeated report is ignored.
+
+        Returns
+        -------
+        dict or None
+            A DASGD node's holdings of ``node`` (:meth:`NodeProtocol.held`),
+            for the launcher's ``held`` message; None otherwise.
 
         Raises
         ------
@@ -309,20 +340,49 @@ class Driver:
             If ``node`` is this node or not a node of the run.
         """
         if node in self.failed_nodes:
-            return
+            return None
         handler = getattr(self.machine, "node_failed", None)
         if handler is None:
-            return
-        handler(node)
+            return None
         self.failed_nodes.append(node)
         self.transport.disconnect(node)
+        if isinstance(self.machine, DasgdNode):
+            if links:
+                self.transport.connect({u: addresses[u] for u in links})
+            outs = handler(node, links)
+        else:
+            outs = handler(node) or ()
+        for out in outs:
+            self._send(out)
         self.log.log(
             time.monotonic(),
             "node_failed",
             self.machine.progress_step,
             failed_node=node,
             detected_t_s=t_s,
+            links=list(links),
         )
+        if isinstance(self.machine, DasgdNode):
+            self._in_control = True  # no second wait for the launcher from in here
+            try:
+                self._receive_all()  # the dead node's last messages count in the report
+            finally:
+                self._in_control = False
+            return self.machine.protocol.held(node)
+        return None
+
+    def failed_fin(self, node: int, deltas: int, steps: int) -> None:
+        """The launcher's ``fin_of``: the dead node's ``fin`` (DASGD), logged as ``failed_fin``."""
+        if isinstance(self.machine, DasgdNode):
+            self.machine.protocol.failed_fin(node, deltas, steps)
+            self.log.log(
+                time.monotonic(),
+                "failed_fin",
+                self.machine.progress_step,
+                failed_node=node,
+                deltas=deltas,
+                steps=steps,
+            )
 
     # -- records ---------------------------------------------------------------
     def _interval(self, now: float, phase: str) -> None:
@@ -505,6 +565,7 @@ def _build(config: RunConfig, node_id: int, run_dir: Path, meta: dict):
         neighbours=neighbours,
         adjacency=adjacency,
         slowdown_factor=factors[node_id] if node_id < len(factors) else 1.0,
+        delta_store_bytes=int(config.delta_store_mib * 2**20),
     )
     evaluator = None
     if config.eval_interval_s is not None and not (config.algorithm != "dasgd" and node_id < n):
@@ -633,11 +694,31 @@ def node_main(run_dir: str, node_id: int, control_address: str) -> int:
                     raise TransportError("the launcher is gone")
                 control.send(control_sock, {"kind": "progress", **record}, droppable=True)
 
-            def read_control():
-                while control_sock.poll(0):
+            def read_control(wait_s: float = 0.0):
+                timeout_ms = int(wait_s * 1000)
+                while control_sock.poll(timeout_ms):
+                    timeout_ms = 0
                     message = control.unpack(control_sock.recv())
-                    if message is not None and message.get("kind") == "failed":
-                        driver.node_failed(int(message["node"]), message.get("t_s"))
+                    if message is None:
+                        continue
+                    if message.get("kind") == "failed":
+                        dead = int(message["node"])
+                        links = [
+                            int(v if u == node_id else u)
+                            for u, v in message.get("links", ())
+                            if node_id in (u, v)
+                        ]
+                        addresses = {int(k): v for k, v in message.get("addresses", {}).items()}
+                        held = driver.node_failed(dead, message.get("t_s"), links, addresses)
+                        if held is not None:
+                            control.send(
+                                control_sock,
+                                {"kind": "held", "node": node_id, "failed": dead, **held},
+                            )
+                    elif message.get("kind") == "fin_of":
+                        driver.failed_fin(
+                            int(message["node"]), int(message["deltas"]), int(message["steps"])
+                        )
 
             driver.on_progress = progress
             driver.on_control = read_control
