@@ -393,3 +393,34 @@ def test_dead_ps_server_ends_the_run(tmp_path):
     _, err = finish(proc)
     assert proc.returncode == 1
     assert "the parameter server exited with code -9" in err and "Traceback" not in err
+
+
+@mp
+def test_a_store_too_small_to_repair_is_reported_not_hidden(tmp_path):
+    # no store: deltas that crossed the bridge only through node 3 cannot be resent over 2-4
+    topology = str(Path(__file__).resolve().parent.parent / "topologies" / "barbell-8.json")
+    proc = start_command(
+        tmp_path,
+        "--topology",
+        topology,
+        "--steps",
+        "300",
+        "--compute-time",
+        "0.01",
+        "--delta-store-mib",
+        "0",
+        "--drain-timeout-s",
+        "5",
+    )
+    kill_when_stepping(tmp_path, proc, 3, 8)
+    out, err = finish(proc)
+    summary = json.loads((tmp_path / "runs" / "r" / "summary.json").read_text())
+    checks = summary["checks"]
+    if checks["delta_store_misses"] == 0:  # nothing was sealed while the link was down
+        assert proc.returncode == 0 and checks["exactly_once"], err
+        return
+    assert "the delta store was too small to repair" in out
+    if checks["exactly_once"]:  # the survivors still met over other paths
+        assert proc.returncode == 0 and checks["consensus_distance_rel"] <= 1e-6
+    else:  # the drain waited in vain and the run says so
+        assert proc.returncode == 1 and "stopped draining" in err
