@@ -212,6 +212,23 @@ def test_anti_entropy_sends_what_a_neighbour_lacks_from_the_store(store_bytes):
     assert b.on_message(out[-1].header, None) == []  # an answer is not answered
 
 
+def test_the_store_keeps_the_newest_deltas_and_reuses_evicted_buffers():
+    a = small_node(0, [1, 2], 3, 0)
+    d = a.n_params
+    a.delta_store_bytes = 2 * (d * 8 + 3 * 8)  # room for two deltas
+    for seq in range(3):
+        header, payload = delta_of(2, seq, 3, d, seq + 1.0)
+        a.on_message(header, payload)
+    first = a._store[(2, 1)][2]
+    assert list(a._store) == [(2, 1), (2, 2)]
+    header, payload = delta_of(2, 3, 3, d, 9.0)
+    a.on_message(header, payload)
+    assert list(a._store) == [(2, 2), (2, 3)]
+    assert a._store[(2, 3)][2] is first  # the evicted buffer, overwritten
+    np.testing.assert_array_equal(a._store[(2, 3)][2], np.full(d, 9.0))
+    np.testing.assert_array_equal(a._store[(2, 2)][2], np.full(d, 3.0))
+
+
 # -- real processes ------------------------------------------------------------------------
 
 mp = pytest.mark.multiprocess

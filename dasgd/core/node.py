@@ -305,18 +305,30 @@ class DasgdNode:
         return out
 
     def _remember(self, header: wire.Header, payload) -> None:
-        """Keep a copy of a delta for anti-entropy; evict the oldest beyond the store's size."""
+        """Keep a copy of a delta for anti-entropy; evict the oldest beyond the store's size.
+
+        Costs one copy of the delta (the model's size) per sealed or applied
+        delta; an evicted delta's buffer is reused, so a full store allocates
+        nothing (fresh large allocations are slow, DESIGN.md §9).
+        """
         if self.delta_store_bytes <= 0:
             return
-        entry = (header.steps, np.array(header.base_vv, copy=True), np.array(payload, copy=True))
-        size = entry[1].nbytes + entry[2].nbytes
+        base = np.array(header.base_vv, copy=True)
+        size = base.nbytes + payload.nbytes
         if size > self.delta_store_bytes:
             return
-        self._store[(header.origin, header.seq)] = entry
+        reuse = None
+        while self._store and self._stored_bytes + size > self.delta_store_bytes:
+            _, (_, old_base, old) = self._store.popitem(last=False)
+            self._stored_bytes -= old_base.nbytes + old.nbytes
+            if reuse is None and old.shape == payload.shape and old.dtype == payload.dtype:
+                reuse = old
+        if reuse is None:
+            reuse = np.array(payload, copy=True)
+        else:
+            np.copyto(reuse, payload)
+        self._store[(header.origin, header.seq)] = (header.steps, base, reuse)
         self._stored_bytes += size
-        while self._stored_bytes > self.delta_store_bytes:
-            _, (_, base, old) = self._store.popitem(last=False)
-            self._stored_bytes -= base.nbytes + old.nbytes
 
     def _on_have(self, header: wire.Header) -> list[Outgoing]:
         """A neighbour's ``have``: send it the stored deltas it lacks; answer a request."""
