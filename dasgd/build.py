@@ -87,6 +87,7 @@ def build_machine(
     vv_dtype=np.int64,
     lag_every: int = 1,
     model=None,
+    delta_store_bytes: int = 0,
 ):
     """The core state machine of ``node_id`` in a run of ``config``.
 
@@ -198,4 +199,5 @@ def build_machine(
         new_buffer=new_buffer,
         vv_dtype=vv_dtype,
         lag_every=lag_every,
+        delta_store_bytes=delta_store_bytes,
     )

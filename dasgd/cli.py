@@ -349,6 +349,21 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         "--timeout-s", type=float, default=None, help="deadline of the whole run (default: none)"
     )
     g.add_argument(
+        "--on-node-failure",
+        choices=("continue", "stop"),
+        default=d.on_node_failure,
+        help="a node process dies: the others finish without it and the summary names it "
+        "(continue), or the run fails naming it (stop); a dead PS server always stops it "
+        "(default: %(default)s)",
+    )
+    g.add_argument(
+        "--delta-store-mib",
+        type=float,
+        default=d.delta_store_mib,
+        help="MiB of recent deltas a node keeps to repair a neighbour after a node failure "
+        "(0 = none; default: %(default)s)",
+    )
+    g.add_argument(
         "--eval-interval-s",
         type=float,
         default=d.eval_interval_s,
@@ -587,6 +602,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         eval_interval_s=args.eval_interval_s or None,
         timeout_s=args.timeout_s,
         record_events=args.record_events,
+        on_node_failure=args.on_node_failure,
+        delta_store_mib=args.delta_store_mib,
     )
 
 

@@ -32,6 +32,8 @@ __all__ = [
 ]
 
 ALGORITHMS = ("dasgd", "ps-async", "ps-sync")
+#: What a run does when a node process dies (``--on-node-failure``).
+FAILURE_POLICIES = ("continue", "stop")
 SERVER_OPTIMIZERS = ("sgd", "amsgrad")
 DELAY_RULES = ("none", "inverse", "drop")
 TRANSPORTS = ("ipc", "tcp")
@@ -395,6 +397,17 @@ class RunConfig:
         model snapshots at evaluations: :mod:`dasgd.analysis.events`) that the
         virtual-sequence and pairwise staleness and the convergence curves of
         ``analysis.json`` need. False keeps only the JSONL logs.
+    on_node_failure : {"continue", "stop"}
+        When a node process dies: ``continue`` tells the survivors, which
+        finish their steps without it (DASGD nodes, and ps-async workers); the
+        run exits 0 and the summary names it. ``stop`` ends the run at once
+        with :class:`~dasgd.errors.NodeFailed` naming the node. A dead
+        parameter server, a dead ps-sync worker, a failure before every node
+        is ready and a failure in a run over several hosts always stop it.
+    delta_store_mib : float
+        MiB of recent deltas each DASGD node keeps (oldest evicted first) to
+        send to a neighbour that lacks them after a node failure
+        (anti-entropy); 0 keeps none.
     """
 
     n_nodes: int | None = 4
@@ -412,11 +425,20 @@ class RunConfig:
     eval_interval_s: float | None = 1.0
     timeout_s: float | None = None
     record_events: bool = True
+    on_node_failure: str = "continue"
+    delta_store_mib: float = 16.0
 
     def __post_init__(self) -> None:
         if self.n_nodes is not None:
             _positive(self.n_nodes, "number of nodes", "-n/--nodes", integer=True)
         _choice(self.algorithm, ALGORITHMS, "algorithm", "--algorithm")
+        _choice(self.on_node_failure, FAILURE_POLICIES, "failure policy", "--on-node-failure")
+        if not (
+            isinstance(self.delta_store_mib, int | float) and 0 <= self.delta_store_mib < 2**20
+        ):
+            raise ConfigError(
+                f"--delta-store-mib must be between 0 and 2**20 MiB, got {self.delta_store_mib!r}"
+            )
         _positive(self.log_interval_s, "log interval", "--log-interval-s")
         if self.eval_interval_s is not None:
             _positive(self.eval_interval_s, "eval interval", "--eval-interval-s")

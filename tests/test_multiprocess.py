@@ -189,10 +189,11 @@ def assert_gone(pids):
 
 
 LONG = ["-n", "3", "--topology", "complete", "--steps", "200000", "--log-interval-s", "0.05"]
+STOP = ["--on-node-failure", "stop"]
 
 
 def test_killed_node_stops_the_run_and_is_named(tmp_path):
-    proc = start_command(tmp_path, *LONG)
+    proc = start_command(tmp_path, *LONG, *STOP)
     try:
         pids = node_pids(proc, 3)
         wait_training(tmp_path)

@@ -170,9 +170,10 @@ LONG_PS = ["--algorithm", "ps-async", "-n", "2", "--steps", "200000", "--log-int
     [(2, "the parameter server exited with code -9"), (0, "node 0 exited with code -9")],
 )
 def test_dead_server_or_worker_stops_the_run(tmp_path, victim, named):
+    # under --on-node-failure stop; with continue a dead ps-async worker is dropped (test_faults)
     import psutil
 
-    proc = start_command(tmp_path, *LONG_PS)
+    proc = start_command(tmp_path, *LONG_PS, "--on-node-failure", "stop")
     try:
         pids = node_pids(proc, 3)
         wait_training(tmp_path)

@@ -244,6 +244,62 @@ def per_class_accuracy(
     ]
 
 
+def read_failures(run_dir) -> dict[int, dict]:
+    """The node failures the launcher recorded (``failures.json``), by node id; {} if none."""
+    path = Path(run_dir) / "failures.json"
+    if not path.exists():
+        return {}
+    return {int(f["node"]): f for f in json.loads(path.read_text())}
+
+
+def _survivors_exactly_once(alive: list[int], finals: list[dict], failures: dict):
+    """Exactly-once among survivors, and the summary entries of the failed nodes.
+
+    Every survivor must hold the same number of deltas of every origin (its
+    own: those it sealed), a live origin's being all it sealed; the deltas of
+    a failed origin are compared between survivors only. Needs the
+    per-origin counts (runs of at most ``PER_ORIGIN_DETAIL_MAX`` nodes).
+
+    Returns
+    -------
+    exactly_once : bool
+    failed_nodes : list of dict
+        One entry per failed node: its ``failures.json`` record, ``failed``
+        True, ``deltas_held_by_survivors_min``/``_max`` (equal when the
+        survivors agree), ``steps_held_by_survivors_max`` (its local steps in
+        the survivors' models) and ``steps_lost`` (planned minus those).
+    """
+    held = []
+    for i, f in zip(alive, finals, strict=True):
+        per_origin = f.get("applied_deltas_per_origin")
+        if per_origin is None:
+            return False, [{"node": k, "failed": True, **failures[k]} for k in sorted(failures)]
+        row = list(per_origin)
+        row[i] = f["deltas_sealed"]
+        held.append(row)
+    held = np.asarray(held, dtype=np.int64)
+    sealed = {i: f["deltas_sealed"] for i, f in zip(alive, finals, strict=True)}
+    agree = bool((held == held[0]).all()) and all(int(held[0][i]) == sealed[i] for i in alive)
+    steps_held = np.asarray([f["version_vector"] for f in finals], dtype=np.int64)
+    failed_nodes = []
+    for k in sorted(failures):
+        column = held[:, k]
+        contributed = int(steps_held[:, k].max())
+        failed_nodes.append(
+            {
+                "node": k,
+                "failed": True,
+                **failures[k],
+                "deltas_held_by_survivors_min": int(column.min()),
+                "deltas_held_by_survivors_max": int(column.max()),
+                "steps_held_by_survivors_max": contributed,
+                # what no survivor holds of its planned steps (its log may lag behind)
+                "steps_lost": max(0, failures[k]["planned_steps"] - contributed),
+            }
+        )
+    return agree and all(f["complete"] for f in finals), failed_nodes
+
+
 def build_summary(
     run_dir,
     *,
@@ -278,20 +334,23 @@ def build_summary(
         (staleness per directed edge) and ``checks`` (consensus and exactly-once).
     """
     run_dir = Path(run_dir)
-    finals = []
+    failures = read_failures(run_dir)
+    all_finals = []
     n = 0
     while (run_dir / f"node-{n}.jsonl").exists():
-        recs = read_events(run_dir / f"node-{n}.jsonl", "final")
-        finals.append(recs[-1] if recs else None)
+        recs = [] if n in failures else read_events(run_dir / f"node-{n}.jsonl", "final")
+        all_finals.append(recs[-1] if recs else None)
         n += 1
-    missing = [i for i, f in enumerate(finals) if f is None]
+    missing = [i for i, f in enumerate(all_finals) if f is None and i not in failures]
     if missing:
         raise FileNotFoundError(f"no final record in the logs of node(s) {missing} in {run_dir}")
-    models = [np.load(run_dir / f"node-{i}.npy") for i in range(n)]
-    delta_sums = [np.load(run_dir / f"node-{i}.delta_sum.npy") for i in range(n)]
+    alive = [i for i in range(n) if i not in failures]
+    finals = [all_finals[i] for i in alive]
+    models = [np.load(run_dir / f"node-{i}.npy") for i in alive]
+    delta_sums = [np.load(run_dir / f"node-{i}.delta_sum.npy") for i in alive]
 
     nodes = []
-    for i, (final, params) in enumerate(zip(finals, models, strict=True)):
+    for i, final, params in zip(alive, finals, models, strict=True):
         nodes.append(
             {
                 "node": i,
@@ -322,14 +381,21 @@ def build_summary(
     oracle = max(float(np.linalg.norm(m - reference)) for m in models) / scale
     sealed = [f["deltas_sealed"] for f in finals]
     steps = [f["steps"] for f in finals]
-    # every node holds every origin's deltas and steps (complete: applied == the fin totals it
-    # received) and those totals are what each origin says it sealed (one digest, O(n) per node)
-    expected = counts_digest(sealed, steps)
-    exactly_once = all(f["complete"] and f["fin_digest"] == expected for f in finals)
+    if failures:
+        # the dead nodes' deltas are known only as the survivors hold them: compare survivors
+        exactly_once, failed_nodes = _survivors_exactly_once(alive, finals, failures)
+        oracle = None  # x0 + sum of deltas needs the dead nodes' deltas, which no file holds
+    else:
+        failed_nodes = []
+        # every node holds every origin's deltas and steps (complete: applied == the fin totals
+        # it received) and those totals are what each origin says it sealed (one digest, O(n))
+        expected = counts_digest(sealed, steps)
+        exactly_once = all(f["complete"] and f["fin_digest"] == expected for f in finals)
     per_class = per_class_accuracy(model, average, X_test, y_test, n_classes)
     train_s = max(f["train_s"] for f in finals)
     run = {
         "n_nodes": n,
+        "failed_nodes": sorted(failures),
         "test_accuracy_mean": float(np.mean([x["test_accuracy"] for x in nodes])),
         "test_accuracy_min": float(np.min([x["test_accuracy"] for x in nodes])),
         "test_loss_mean": float(np.mean([x["test_loss"] for x in nodes])),
@@ -355,12 +421,17 @@ def build_summary(
     )
     for record in (run, *nodes, *edges):
         add_apply_aliases(record)
+    nodes = sorted(nodes + failed_nodes, key=lambda d: d["node"])
     checks = {
         "exactly_once": bool(exactly_once),
         "all_drained": all(f["drained"] for f in finals),
         "consensus_distance_rel": consensus,
         "oracle_distance_rel": oracle,
     }
+    if failures:
+        checks["survivors"] = len(alive)
+        # deltas a neighbour asked for (anti-entropy) that had left this node's store
+        checks["delta_store_misses"] = int(sum(f.get("delta_store_misses", 0) for f in finals))
     return {"run": run, "nodes": nodes, "edges": edges, "checks": checks}
 
 
@@ -391,8 +462,12 @@ def build_ps_summary(
     if not server:
         raise FileNotFoundError(f"no final record in {run_dir / 'server.jsonl'}")
     server = server[-1]
+    failures = read_failures(run_dir)
     workers = []
     while (run_dir / f"node-{len(workers)}.jsonl").exists():
+        if len(workers) in failures:  # a dead ps-async worker: no final record
+            workers.append(None)
+            continue
         recs = read_events(run_dir / f"node-{len(workers)}.jsonl", "final")
         if not recs:
             raise FileNotFoundError(
@@ -402,6 +477,16 @@ def build_ps_summary(
     x = np.load(run_dir / "server.npy")
     nodes = []
     for i, (w, delays) in enumerate(zip(workers, server["workers"], strict=True)):
+        if w is None:
+            nodes.append(
+                {
+                    "node": i,
+                    "failed": True,
+                    **failures[i],
+                    "gradients_applied": server["gradients_per_worker"][i],
+                }
+            )
+            continue
         nodes.append(
             {
                 "node": i,
@@ -449,9 +534,10 @@ def build_ps_summary(
                 "tau_in_flight_steps",
             )
         },
-        "malformed": int(server["malformed"] + sum(w["malformed"] for w in workers)),
-        "msgs_out": int(server["msgs_out"] + sum(w["msgs_out"] for w in workers)),
-        "bytes_out": int(server["bytes_out"] + sum(w["bytes_out"] for w in workers)),
+        "malformed": int(server["malformed"] + sum(w["malformed"] for w in workers if w)),
+        "msgs_out": int(server["msgs_out"] + sum(w["msgs_out"] for w in workers if w)),
+        "bytes_out": int(server["bytes_out"] + sum(w["bytes_out"] for w in workers if w)),
+        "failed_nodes": sorted(failures),
         "server_optimizer": server["optimizer"],
         "delay_rule": server["delay_rule"],
         "delay_concurrency": server["delay_concurrency"],
@@ -501,11 +587,27 @@ def format_summary(summary: dict, *, max_edges: int = 32) -> str:
             f"{_fmt(d.get('lag_max_steps'), 'd'):>7} {d['msgs_out']:>8} {d['bytes_out'] / 1e6:>8.2f}"
         )
 
+    failed = [node for node in summary["nodes"] if node.get("failed")]
     for node in summary["nodes"]:
-        lines.append(row(str(node["node"]), node))
+        if node.get("failed"):
+            lines.append(f"{str(node['node']) + '*':>6} FAILED (exit code {node['exit_code']})")
+        else:
+            lines.append(row(str(node["node"]), node))
     lines.append("-" * len(header))
-    lines.append(row("all", run))
+    lines.append(row("all" if not failed else "alive", run))
     checks = summary["checks"]
+    for node in failed:
+        held = ""
+        if "deltas_held_by_survivors_min" in node:
+            lo, hi = node["deltas_held_by_survivors_min"], node["deltas_held_by_survivors_max"]
+            held = f", {lo}{'' if lo == hi else f'..{hi}'} of its deltas held by the survivors"
+        elif "gradients_applied" in node:
+            held = f", {node['gradients_applied']} of its gradients applied by the server"
+        lines.append(
+            f"* {'worker' if ps else 'node'} {node['node']} failed: seen dead at t = {node['detected_t_s']:.2f} s "
+            f"(exit code {node['exit_code']}), last logged step {node['last_step']} of "
+            f"{node['planned_steps']} ({node['steps_lost']} steps lost){held}"
+        )
     if ps:
         in_flight = run.get("tau_in_flight_steps") or []
         lines += [
@@ -523,9 +625,18 @@ def format_summary(summary: dict, *, max_edges: int = 32) -> str:
         "",
         f"average model: test accuracy {_fmt(run['average_model_test_accuracy'], '.4f')}, "
         f"test loss {_fmt(run['average_model_test_loss'], '.4f')}",
-        f"consensus distance (max_i |x_i - mean| / |x|): {checks['consensus_distance_rel']:.2e}; "
-        f"every delta applied exactly once at every node: {'yes' if checks['exactly_once'] else 'NO'}"
+        f"consensus distance (max_i |x_i - mean| / |x|{', survivors' if failed else ''}): "
+        f"{checks['consensus_distance_rel']:.2e}; every delta applied exactly once at every "
+        f"{'survivor' if failed else 'node'}: {'yes' if checks['exactly_once'] else 'NO'}"
         f"{'' if checks['all_drained'] else ' (drain timed out on some node)'}",
+        *(
+            [
+                f"the delta store was too small to repair: {checks['delta_store_misses']} deltas "
+                "a neighbour lacked had been evicted (--delta-store-mib); survivors may differ"
+            ]
+            if checks.get("delta_store_misses")
+            else []
+        ),
         f"wall time {run['wall_s']:.1f} s, training {run['train_s']:.1f} s, "
         f"{run['deltas_sealed']} deltas sealed, {run['duplicates']} duplicates dropped, "
         f"{run['malformed']} malformed messages",

@@ -32,6 +32,7 @@ was computed on: the staleness a slow device causes.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import numpy as np
 
@@ -141,6 +142,7 @@ class DasgdNode:
         vv_dtype=np.int64,
         lag_every: int = 1,
         events=None,
+        delta_store_bytes: int = 0,
     ) -> None:
         self.node_id = node_id
         self.events = events
@@ -197,6 +199,13 @@ class DasgdNode:
         self._loss_count = 0
         self._interval_t = 0.0
         self._interval_step = 0
+        # anti-entropy after a failure: recent deltas (own and applied), oldest first
+        self.delta_store_bytes = delta_store_bytes
+        self._store: OrderedDict[tuple[int, int], tuple] = OrderedDict()
+        self._stored_bytes = 0
+        self._have_sent: set[tuple[int, int]] = set()
+        self.deltas_pushed = 0
+        self.store_misses = 0
 
     # -- state -------------------------------------------------------------
     @property
@@ -236,7 +245,10 @@ class DasgdNode:
         if self.check_finite and payload is not None and protocol.is_new_delta(header):
             wire.check_finite_array(header, payload)  # only for deltas that will be applied
         apply, forward = protocol.receive(header)
+        if header.kind == "have":
+            return self._on_have(header)
         if apply:
+            self._remember(header, payload)
             if self.events is not None:
                 self.events.apply(
                     header.origin,
@@ -257,6 +269,101 @@ class DasgdNode:
             return _NOTHING
         forward.payload = payload
         return [forward]
+
+    def node_failed(self, node: int, links=()) -> list[Outgoing]:
+        """A node of the run died (``--on-node-failure continue``): forget it, link up, repair.
+
+        See :meth:`NodeProtocol.node_failed`. Repair links (``links``: live
+        nodes to link to, see :meth:`NodeProtocol.add_neighbour`) are added
+        first; then every neighbour not yet asked since ``node`` died gets a
+        ``have`` request (anti-entropy: it answers with the deltas this node
+        lacks from its store, and its own ``have``). Calling it again (the
+        launcher's message after a neighbour's ``have`` told the news) only
+        adds the new links and asks them.
+
+        Returns
+        -------
+        list of Outgoing
+            The ``have`` requests.
+
+        Raises
+        ------
+        ValueError
+            If ``node`` is this node or not a node of the run, or a link is
+            not to a live node.
+        """
+        protocol = self.protocol
+        protocol.node_failed(node)
+        for u in links:
+            protocol.add_neighbour(u)
+        self.neighbours = list(protocol.neighbours)
+        out = []
+        for u in protocol.neighbours:
+            if (node, u) not in self._have_sent:
+                self._have_sent.add((node, u))
+                out.append(protocol.have(node, u, answer=False))
+        return out
+
+    def _remember(self, header: wire.Header, payload) -> None:
+        """Keep a copy of a delta for anti-entropy; evict the oldest beyond the store's size.
+
+        Costs one copy of the delta (the model's size) per sealed or applied
+        delta; an evicted delta's buffer is reused, so a full store allocates
+        nothing (fresh large allocations are slow, DESIGN.md §9).
+        """
+        if self.delta_store_bytes <= 0:
+            return
+        base = np.array(header.base_vv, copy=True)
+        size = base.nbytes + payload.nbytes
+        if size > self.delta_store_bytes:
+            return
+        reuse = None
+        while self._store and self._stored_bytes + size > self.delta_store_bytes:
+            _, (_, old_base, old) = self._store.popitem(last=False)
+            self._stored_bytes -= old_base.nbytes + old.nbytes
+            if reuse is None and old.shape == payload.shape and old.dtype == payload.dtype:
+                reuse = old
+        if reuse is None:
+            reuse = np.array(payload, copy=True)
+        else:
+            np.copyto(reuse, payload)
+        self._store[(header.origin, header.seq)] = (header.steps, base, reuse)
+        self._stored_bytes += size
+
+    def _on_have(self, header: wire.Header) -> list[Outgoing]:
+        """A neighbour's ``have``: send it the stored deltas it lacks; answer a request."""
+        protocol = self.protocol
+        failed, sender = header.origin, header.sender
+        out = []
+        if failed not in protocol.failed and failed != self.node_id:
+            out += self.node_failed(failed)  # the news came from a neighbour first
+        theirs = header.base_vv
+        mine = protocol.contiguous_counts()
+        # what it lacks below my contiguous counts and the store no longer has
+        for k in np.flatnonzero(theirs < mine):
+            for seq in range(int(theirs[k]), int(mine[k])):
+                if (int(k), seq) not in self._store:
+                    self.store_misses += 1
+        vv = protocol.vv
+        for (origin, seq), (steps, base, payload) in self._store.items():
+            if seq >= theirs[origin] and origin != sender:
+                delta = wire.Header(
+                    "delta",
+                    origin,
+                    self.node_id,
+                    seq,
+                    steps,
+                    base,
+                    vv,
+                    self.dtype.name,
+                    (self.n_params,),
+                )
+                # live: the driver copies it (the store keeps the array)
+                out.append(Outgoing(delta, (sender,), payload=payload, live=True))
+                self.deltas_pushed += 1
+        if header.seq == 0 and sender in protocol.neighbours:
+            out.append(protocol.have(failed, sender, answer=True))
+        return out
 
     # -- stepping ------------------------------------------------------------
     def advance(
@@ -377,6 +484,7 @@ class DasgdNode:
 
     def _seal(self, out: Outgoing) -> Outgoing:
         sealed = self.open_delta
+        self._remember(out.header, sealed)
         self.delta_sum += sealed
         out.payload = sealed  # handed over: this node never writes into it again
         self.open_delta = self.new_buffer()
@@ -438,6 +546,8 @@ class DasgdNode:
             "deltas_dropped": self.deltas_dropped,
             "lead_waits": self.lead_waits,
             "backlog_waits": self.backlog_waits,
+            "deltas_pushed": self.deltas_pushed,
+            "delta_store_misses": self.store_misses,
             "optimizer": self.optimizer.state_dict(),
             **self.protocol.summary(),
         }

@@ -22,6 +22,17 @@ End of run (DESIGN.md §8, a dasgd choice): a node that stops stepping calls
 ``fin`` it knows, for all n origins, is *complete* and tells its neighbours once
 (``complete``). It may stop when it and all its neighbours are complete: no
 neighbour then needs anything it could relay.
+
+Node failures (``--on-node-failure continue``): the driver reports a dead node
+with :meth:`~NodeProtocol.node_failed`. It leaves the neighbours (nothing is
+sent to it, no ``complete`` is awaited from it) and its deltas are relayed
+without pruning from then on: the pruned relay counts on the origin sending
+to its own neighbours, which a dead origin no longer does. Repair links to new
+neighbours come with :meth:`~NodeProtocol.add_neighbour`. Neighbours then
+exchange ``have`` messages (anti-entropy; the owner sends the deltas a
+neighbour lacks from its store), and the drain waits for the dead node's
+``fin`` as before: its own if it sent one, otherwise the one the launcher
+derives from what every survivor holds (:meth:`~NodeProtocol.failed_fin`).
 """
 
 from __future__ import annotations
@@ -185,6 +196,9 @@ class NodeProtocol:
             )
         self.n_nodes = n_nodes
         self.send_every = send_every
+        self._alone = (
+            not self.neighbours
+        )  # from the start: a node whose neighbours died still seals
         self._adjacency = adjacency
         self.n_params = n_params
         self.dtype = dtype
@@ -209,6 +223,8 @@ class NodeProtocol:
         self._fins_known = 0
         self._complete_announced = False
         self._neighbours_complete: set[int] = set()
+        #: nodes reported dead (:meth:`node_failed`)
+        self.failed: set[int] = set()
 
     # -- local steps --------------------------------------------------------
     def read_model(self) -> None:
@@ -247,7 +263,7 @@ class NodeProtocol:
         if self.finished:
             raise RuntimeError("local_step() after finish()")
         self.vv_total += 1
-        if not self.neighbours:  # a lone node: plain SGD, nothing to seal or send
+        if self._alone:  # a lone node: plain SGD, nothing to seal or send
             self.vv[self.node_id] += 1
             return None
         if self._window_steps == 0:
@@ -385,6 +401,8 @@ class NodeProtocol:
         if kind == "complete":
             self._neighbours_complete.add(sender)
             return False, None
+        if kind == "have":  # the owner answers it (DasgdNode: deltas from its store)
+            return False, None
         if kind == "fin":
             self._record_fin(origin, header.seq, header.steps)
             return False, self._relay(header)
@@ -405,6 +423,98 @@ class NodeProtocol:
             and not self._seen(header.origin, header.seq)
         )
 
+    def node_failed(self, node: int) -> None:
+        """Forget a dead node: no longer a neighbour, nor awaited by the drain.
+
+        Its deltas already applied stay applied; later ones (still in flight)
+        are applied and relayed to every other neighbour, without the pruning
+        of the origin's neighbours. Idempotent.
+
+        Parameters
+        ----------
+        node : int
+            The node that died, in 0..n_nodes-1 and not this node.
+
+        Raises
+        ------
+        ValueError
+            If ``node`` is this node or outside 0..n_nodes-1.
+        """
+        if node == self.node_id or not 0 <= node < self.n_nodes:
+            raise ValueError(f"node {self.node_id} told that node {node} failed: not a peer")
+        if node in self.failed:
+            return
+        self.failed.add(node)
+        self.neighbours = tuple(u for u in self.neighbours if u != node)
+        self._neighbours_complete.discard(node)
+
+    def add_neighbour(self, node: int) -> None:
+        """A repair link to ``node`` (a live node): send to it and await its ``complete`` too.
+
+        Relays keep pruning by the original topology (``adjacency``): an
+        origin still sends its deltas to its original neighbours itself.
+        Idempotent.
+
+        Raises
+        ------
+        ValueError
+            If ``node`` is this node, outside 0..n_nodes-1 or failed.
+        """
+        if node == self.node_id or not 0 <= node < self.n_nodes or node in self.failed:
+            raise ValueError(f"node {self.node_id} cannot link to node {node}")
+        if node in self.neighbours:
+            return
+        self.neighbours = tuple(sorted((*self.neighbours, node)))
+        self.staleness.add_edge(node)
+
+    def failed_fin(self, node: int, deltas: int, steps: int) -> None:
+        """The ``fin`` of a dead node as the launcher derived it from the survivors' holdings.
+
+        Ignored when the node's own ``fin`` is known. From then on the drain
+        waits for exactly ``deltas`` deltas and ``steps`` steps of it.
+
+        Raises
+        ------
+        ValueError
+            If ``node`` was not reported dead, or a count is negative.
+        """
+        if node not in self.failed or deltas < 0 or steps < 0:
+            raise ValueError(f"fin of node {node} ({deltas} deltas, {steps} steps) refused")
+        if self._fin_deltas[node] < 0:
+            self._record_fin(node, deltas, steps)
+
+    def held(self, node: int) -> dict:
+        """What this node holds of ``node``'s deltas (the launcher's input to :meth:`failed_fin`).
+
+        Returns
+        -------
+        dict
+            ``deltas`` (applied), ``contiguous`` (every seq below is applied),
+            ``steps`` (its steps in this model), ``fin_deltas`` and
+            ``fin_steps`` (its own ``fin``, or None).
+        """
+        fin = int(self._fin_deltas[node])
+        return {
+            "deltas": int(self.applied_deltas[node]),
+            "contiguous": int(self._applied_below[node]),
+            "steps": int(self.vv[node]),
+            "fin_deltas": fin if fin >= 0 else None,
+            "fin_steps": int(self._fin_steps[node]) if fin >= 0 else None,
+        }
+
+    def contiguous_counts(self) -> np.ndarray:
+        """Per origin, the number of its first deltas all applied here (own: all sealed)."""
+        counts = self._applied_below.copy()
+        counts[self.node_id] = self.deltas_sealed
+        return counts
+
+    def have(self, failed: int, to: int, *, answer: bool) -> Outgoing:
+        """The ``have`` message (anti-entropy after ``failed`` died) for neighbour ``to``."""
+        header = Header(
+            "have", failed, self.node_id, int(answer), 0, self.contiguous_counts(), self.vv
+        )
+        return Outgoing(header, (to,))
+
     def _record_fin(self, origin: int, deltas: int, steps: int) -> None:
         self._fin_deltas[origin] = deltas
         self._fin_steps[origin] = steps
@@ -412,7 +522,9 @@ class NodeProtocol:
 
     def _relay(self, header: Header) -> Outgoing | None:
         origin, sender = header.origin, header.sender
-        skip = self._adjacency[origin] if self._adjacency is not None else ()
+        skip = ()
+        if self._adjacency is not None and origin not in self.failed:
+            skip = self._adjacency[origin]
         to = tuple(u for u in self.neighbours if u != sender and u != origin and u not in skip)
         if not to:
             return None
@@ -445,7 +557,10 @@ class NodeProtocol:
     # -- drain --------------------------------------------------------------
     @property
     def complete(self) -> bool:
-        """True when a ``fin`` is known from every node and every announced delta is applied."""
+        """True when a ``fin`` is known from every node and every announced delta is applied.
+
+        A dead node's ``fin`` is its own, or the one :meth:`failed_fin` records.
+        """
         if self._fins_known < self.n_nodes:
             return False
         # own entries match by construction (the own fin records own counts)
@@ -499,6 +614,7 @@ class NodeProtocol:
             "deltas_applied": int(self.applied_deltas.sum()),
             "duplicates": self.duplicates,
             "complete": self.complete,
+            "failed_nodes": sorted(self.failed),
             "fin_digest": counts_digest(self._fin_deltas, self._fin_steps),
         }
         if detail:

@@ -440,6 +440,24 @@ class PSServer(_Role):
         stop = Outgoing(self._header("stop", self.version, 0, array=False), self._workers)
         return (stop,), DONE
 
+    def node_failed(self, worker: int) -> None:
+        """A ps-async worker died: stop sending to it; its gradient in flight is lost.
+
+        The budget (gradients) is then filled by the other workers; the lost
+        gradient is not counted in flight for tau (Definition 4), as it never
+        arrives. Idempotent.
+
+        Raises
+        ------
+        ValueError
+            For ps-sync (every round waits for every worker: the launcher
+            stops such a run instead) or a worker id outside 0..n_workers-1.
+        """
+        if self.algorithm != "ps-async" or not 0 <= worker < self.n_workers:
+            raise ValueError(f"the {self.algorithm} server cannot drop worker {worker}")
+        self._workers = tuple(w for w in self._workers if w != worker)
+        self._read_version[worker] = None
+
     def check_model(self) -> None:
         """Raise :class:`~dasgd.errors.Diverged` if the model holds NaN or inf.
 

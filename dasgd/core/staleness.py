@@ -132,6 +132,11 @@ class StalenessTracker:
         self._interval_staleness = RunningStat()
         self._interval_lag = RunningStat()
 
+    def add_edge(self, sender: int) -> None:
+        """Keep per-edge statistics for a new incoming edge (a repair link); idempotent."""
+        self.edge_staleness.setdefault(sender, RunningStat())
+        self.edge_lag.setdefault(sender, RunningStat())
+
     def record_apply(self, origin: int, sender: int, staleness_steps: int) -> None:
         """Record the apply staleness of a delta from ``origin`` relayed by ``sender``."""
         self.staleness.add(staleness_steps)

@@ -26,7 +26,8 @@ field          type      meaning
 ``steps``      int       local steps summed in the delta (>= 1); for ``fin``: the
                          origin's total local steps in the run
 ``base_vv``    bytes     origin's version vector when the delta's window opened,
-                         n little-endian uint32 (``delta`` only, else empty)
+                         n little-endian uint32 (``delta``; for ``have``: the
+                         sender's contiguous delta counts per origin; else empty)
 ``sender_vv``  bytes     sender's version vector when it sent this copy, n uint32
                          (DASGD kinds only, else empty)
 ``dtype``      str       ``"float32"`` or ``"float64"`` (kinds with an array, else ``""``)
@@ -37,7 +38,12 @@ Kinds: ``delta`` carries parameter changes and is flooded to every node
 (ALGORITHMS.md §1, step 4); ``fin`` announces that its origin has stopped
 stepping and how many deltas and steps it produced, flooded like a delta;
 ``complete`` tells a neighbour that the sender holds every delta of the run
-(only sent to neighbours, never forwarded). Version vectors (ALGORITHMS.md §2)
+(only sent to neighbours, never forwarded). ``have`` (anti-entropy after a node
+failure, only to neighbours, never forwarded): ``origin`` is the dead node,
+``base_vv`` the sender's per-origin contiguous delta counts (every seq below
+is held; its own entry: the deltas it sealed), ``seq`` 0 asks the neighbour to
+send the deltas it holds at or above those counts and to answer with its own
+``have``, ``seq`` 1 is that answer. Version vectors (ALGORITHMS.md §2)
 count local steps per origin.
 
 The parameter-server baselines (:mod:`dasgd.core.ps`) use three more kinds on the
@@ -62,11 +68,13 @@ import numpy as np
 from ..errors import WireError
 
 WIRE_VERSION = 1
-KINDS = ("delta", "fin", "complete", "grad", "model", "stop")
+KINDS = ("delta", "fin", "complete", "have", "grad", "model", "stop")
 #: kinds whose second frame is an array
 ARRAY_KINDS = ("delta", "grad", "model")
 #: kinds that carry the sender's version vector (DASGD)
-VV_KINDS = ("delta", "fin", "complete")
+VV_KINDS = ("delta", "fin", "complete", "have")
+#: kinds that carry a ``base_vv`` vector
+BASE_VV_KINDS = ("delta", "have")
 _NO_VV = np.zeros(0, np.int64)
 #: largest sequence number or step count a header may carry (version vectors are uint32)
 MAX_COUNT = 2**32 - 1
@@ -152,7 +160,7 @@ def encode_header(header: Header) -> bytes:
             "sender": header.sender,
             "seq": header.seq,
             "steps": header.steps,
-            "base_vv": vv_to_bytes(header.base_vv) if header.kind == "delta" else b"",
+            "base_vv": vv_to_bytes(header.base_vv) if header.kind in BASE_VV_KINDS else b"",
             "sender_vv": vv_to_bytes(header.sender_vv) if header.kind in VV_KINDS else b"",
             "dtype": header.dtype,
             "shape": list(header.shape),
@@ -207,6 +215,11 @@ def decode_header(raw: bytes, n_nodes: int) -> Header:
     seq = _int_field(body, "seq", 0, MAX_COUNT)
     steps = _int_field(body, "steps", 1 if kind in ("delta", "grad") else 0, MAX_COUNT)
     sender_vv = vv_from_bytes(body.get("sender_vv"), n_nodes) if kind in VV_KINDS else _NO_VV
+    if kind == "have":
+        if seq > 1:
+            raise WireError(f"have with seq {seq}: 0 (a request) or 1 (an answer)")
+        base_vv = vv_from_bytes(body.get("base_vv"), n_nodes)
+        return Header(kind, origin, sender, seq, steps, base_vv, sender_vv)
     if kind not in ARRAY_KINDS:
         return Header(kind, origin, sender, seq, steps, _NO_VV, sender_vv)
     base_vv = vv_from_bytes(body.get("base_vv"), n_nodes) if kind == "delta" else _NO_VV

@@ -12,10 +12,28 @@ kind          direction                  fields
 ``progress``  node -> launcher           ``node`` and the fields of an ``interval`` record
 ``done``      node -> launcher           ``node``
 ``error``     node -> launcher           ``node``, ``message`` (one line)
+``failed``    launcher -> node           ``node`` (the id of a node process that died),
+                                         ``t_s`` (when the launcher saw it, run clock),
+                                         ``links`` (DASGD: repair edges ``[u, v]``, see
+                                         :func:`dasgd.runtime.launch.repair_links`),
+                                         ``addresses`` (node id as str -> inbox address
+                                         of every node in ``links``)
+``held``      node -> launcher           ``node``, ``failed`` (the dead node) and what
+                                         this node holds of it (``deltas``,
+                                         ``contiguous``, ``steps``, ``fin_deltas``,
+                                         ``fin_steps``: :meth:`NodeProtocol.held
+                                         <dasgd.core.protocol.NodeProtocol.held>`)
+``fin_of``    launcher -> node           ``node`` (the dead node), ``deltas``, ``steps``:
+                                         its ``fin``, derived from every ``held``
 ============  =========================  ==============================================
 
 A node's progress reports are dropped rather than block it; every other wait
-has a deadline.
+has a deadline. ``failed`` is sent only under ``--on-node-failure continue``,
+to every surviving node of the run; a node reads its control socket at least
+every :data:`dasgd.runtime.node.CONTROL_POLL_S` seconds while it runs. A
+DASGD node answers ``failed`` with ``held`` (after handling every message
+already in its inbox); once every surviving node has answered (or after
+``--send-timeout-s``), the launcher sends ``fin_of``.
 """
 
 from __future__ import annotations
@@ -30,7 +48,7 @@ from ..errors import TransportError
 
 __all__ = ["KINDS", "pack", "recv", "send", "unpack"]
 
-KINDS = ("ready", "start", "progress", "done", "error")
+KINDS = ("ready", "start", "progress", "done", "error", "failed", "held", "fin_of")
 
 
 def pack(message: dict) -> bytes:

@@ -12,6 +12,20 @@ all, one shared deadline, then SIGKILL (as ``torch.distributed.elastic``
 does), and raises :class:`~dasgd.errors.NodeFailed` naming the node, its exit
 code, its last words and its log.
 
+Under ``--on-node-failure continue`` (the default) a node process that dies
+once training started does not stop the run: the launcher polls its children
+every :data:`CHILD_POLL_S` seconds, records the failure in ``failures.json``
+(see :func:`_failure_record`) and sends a ``failed`` control message to every
+surviving process, which stops sending to the dead node and waiting for it.
+The parameter server, a ps-sync worker, a node that dies before the run
+starts, and any node of a run over several hosts still stop the run.
+
+For DASGD the launcher also repairs the overlay (:func:`repair_links`, logged
+in ``topology-changes.jsonl``) and, once every survivor has said what it holds
+of the dead node's deltas (``held``), sends the dead node's ``fin`` as derived
+from those (``fin_of``, see :func:`derive_fin`), so that the survivors' drain
+ends when they all hold the same deltas of it.
+
 The run directory is prepared by :func:`dasgd.rundir.prepare_run` (its layout is
 documented there) and summarized by :func:`dasgd.rundir.write_summary`.
 """
@@ -52,6 +66,9 @@ __all__ = ["run", "stop_processes"]
 
 #: How long stopped nodes get between SIGTERM and SIGKILL.
 TERMINATE_TIMEOUT_S = 5.0
+#: The launcher checks its children at least this often (seconds): the bound on
+#: noticing a dead node process, before the ``failed`` message reaches the others.
+CHILD_POLL_S = 0.2
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent.parent)
 
 
@@ -339,6 +356,97 @@ def _gather(config: RunConfig, run_dir: Path, hosts: HostSpec, link: HostLink) -
     return json.loads(done["summary"])
 
 
+def repair_links(adjacency: dict[int, set[int]], dead: int) -> list[list[int]]:
+    """Remove ``dead`` from ``adjacency`` (changed in place) and link up its neighbours.
+
+    The live neighbours of the dead node, in id order, are chained: each is
+    linked to the next where no edge exists yet. Every path that went
+    through the dead node then goes along the chain, so a connected graph
+    stays connected; a ring stays a ring (its two neighbours are linked).
+
+    Parameters
+    ----------
+    adjacency : dict of int to set of int
+        The current overlay, node -> neighbours (undirected); updated.
+    dead : int
+
+    Returns
+    -------
+    list of [int, int]
+        The new edges ``[u, v]`` with ``u < v``.
+    """
+    around = sorted(adjacency.pop(dead, set()))
+    for u in around:
+        adjacency[u].discard(dead)
+    new = []
+    for u, v in zip(around, around[1:], strict=False):
+        if v not in adjacency[u]:
+            adjacency[u].add(v)
+            adjacency[v].add(u)
+            new.append([u, v])
+    return new
+
+
+def derive_fin(reports: list[dict], send_every: int) -> tuple[int, int]:
+    """The ``fin`` of a dead node from what the survivors hold of it (``held`` reports).
+
+    Its own ``fin``, if any survivor received it. Otherwise the longest
+    prefix of its deltas that a survivor holds: the dead node sent its
+    deltas in order over each link, so every delta below the longest prefix
+    reached some survivor. Its steps: that survivor's count of them when it
+    holds no delta beyond the prefix, else ``send_every`` per delta (every
+    window but a ``fin``'s last one is full).
+
+    Returns
+    -------
+    deltas, steps : int
+    """
+    for r in reports:
+        if r.get("fin_deltas") is not None:
+            return int(r["fin_deltas"]), int(r["fin_steps"])
+    if not reports:
+        return 0, 0
+    best = max(reports, key=lambda r: (r["contiguous"], r["deltas"] == r["contiguous"]))
+    deltas = int(best["contiguous"])
+    steps = int(best["steps"]) if best["deltas"] == deltas else deltas * send_every
+    return deltas, steps
+
+
+def _failure_record(
+    config: RunConfig, run_dir: Path, name: str, node: int, exit_code: int, t0_unix_s: float, meta
+) -> dict:
+    """What ``failures.json`` says of a node process that died (one entry per node).
+
+    Fields: ``node``, ``exit_code`` (negative: killed by that signal),
+    ``detected_t_s`` (run clock: seconds since start, when the launcher saw
+    the exit; at most :data:`CHILD_POLL_S` after it), ``last_step`` and
+    ``last_record_t_s`` (the last record of its JSONL log, written at least
+    every ``--log-interval-s``), ``planned_steps`` and ``steps_lost``
+    (planned minus ``last_step``: an upper bound, as steps after the last
+    record are unlogged), ``last_words`` (its stderr's last line).
+    """
+    from ..analysis.metrics import read_events
+
+    last = {}
+    try:
+        records = read_events(run_dir / f"{name}.jsonl")
+        last = records[-1] if records else {}
+    except (OSError, ValueError):
+        pass
+    planned = int(local_steps(config.train, meta["shard_sizes"][node]))
+    last_step = int(last.get("step", 0))
+    return {
+        "node": node,
+        "exit_code": exit_code,
+        "detected_t_s": round(time.time() - t0_unix_s, 3),
+        "last_step": last_step,
+        "last_record_t_s": last.get("t_s"),
+        "planned_steps": planned,
+        "steps_lost": max(0, planned - last_step),
+        "last_words": _last_words(run_dir / f"{name}.stderr"),
+    }
+
+
 def _launch_local(config, run_dir, context, hosts: HostSpec, link, progress: bool) -> float:
     """Spawn, start and supervise this host's node processes; returns the wall time in seconds."""
     n = config.n_nodes
@@ -415,14 +523,85 @@ def _launch_local(config, run_dir, context, hosts: HostSpec, link, progress: boo
                 f"stderr: {run_dir / f'{names[i]}.stderr'}"
             )
 
+        failures: dict[int, dict] = {}
+        started = False
+        overlay: dict[int, set[int]] = {}
+        if config.algorithm == "dasgd":
+            from ..topology import neighbours as topology_neighbours
+            from ..topology import parse_topology
+
+            graph = parse_topology(str(run_dir / "topology.json"), n)
+            overlay = {k: set(topology_neighbours(graph, k)) for k in graph}
+        # dead node -> {"reports": {node: held}, "deadline": monotonic s}
+        awaiting_held: dict[int, dict] = {}
+
+        def write_failures() -> None:
+            (run_dir / "failures.json").write_text(
+                json.dumps(sorted(failures.values(), key=lambda f: f["node"]), indent=2) + "\n"
+            )
+
+        def alive_nodes() -> list[int]:
+            return [j for j, p in procs.items() if j < n and j not in failures and p.poll() is None]
+
+        def settle_fins() -> None:
+            """Send ``fin_of`` for each dead node every survivor reported on (or at the deadline)."""
+            for dead in list(awaiting_held):
+                entry = awaiting_held[dead]
+                alive = alive_nodes()
+                if not set(alive) <= set(entry["reports"]) and time.monotonic() < entry["deadline"]:
+                    continue
+                del awaiting_held[dead]
+                reports = list(entry["reports"].values())
+                deltas, steps = derive_fin(reports, config.train.send_every)
+                failures[dead]["fin"] = {"deltas": deltas, "steps": steps, "reports": len(reports)}
+                write_failures()
+                notice = control_messages.pack(
+                    {"kind": "fin_of", "node": dead, "deltas": deltas, "steps": steps}
+                )
+                for j in alive:
+                    control.send_multipart([identities[j], notice])
+
+        def tolerated(i: int) -> bool:
+            if config.on_node_failure != "continue" or not started or link is not None:
+                return False
+            return config.algorithm == "dasgd" or (config.algorithm == "ps-async" and i < n)
+
         def check_children() -> int:
             running = 0
             for i, proc in procs.items():
                 rc = proc.poll()
                 if rc is None:
                     running += 1
-                elif rc != 0:
-                    raise fail(i, f"exited with code {rc}")
+                elif rc != 0 and i not in failures:
+                    if not tolerated(i):
+                        raise fail(i, f"exited with code {rc}")
+                    failures[i] = _failure_record(config, run_dir, names[i], i, rc, t0_unix_s, meta)
+                    t_s = failures[i]["detected_t_s"]
+                    links = repair_links(overlay, i) if overlay else []
+                    if config.algorithm == "dasgd":
+                        with (run_dir / "topology-changes.jsonl").open("a") as f:
+                            change = {"t_s": t_s, "removed_node": i, "added_edges": links}
+                            f.write(json.dumps(change) + "\n")
+                        failures[i]["added_edges"] = links
+                        awaiting_held[i] = {
+                            "reports": {},
+                            "deadline": time.monotonic() + tc.send_timeout_s,
+                        }
+                    notice = control_messages.pack(
+                        {
+                            "kind": "failed",
+                            "node": i,
+                            "t_s": t_s,
+                            "links": links,
+                            "addresses": {str(u): addresses[u] for e in links for u in e},
+                        }
+                    )
+                    for j, other in procs.items():
+                        if j != i and other.poll() is None and j in identities:
+                            control.send_multipart([identities[j], notice])
+                    write_failures()
+                    if len(failures) == len([j for j in local if j < n]):
+                        raise fail(i, f"exited with code {rc}, the last node alive")
             return running
 
         def pump(timeout_ms: int, on_message) -> None:
@@ -442,6 +621,7 @@ def _launch_local(config, run_dir, context, hosts: HostSpec, link, progress: boo
 
         identities: dict[int, bytes] = {}
         addresses: dict[int, str] = {}
+        t0_unix_s = time.time()
 
         def on_ready(identity, message):
             if message.get("kind") == "ready":
@@ -479,13 +659,18 @@ def _launch_local(config, run_dir, context, hosts: HostSpec, link, progress: boo
         )
         for i in local:
             control.send_multipart([identities[i], start])
+        started = True
 
         def on_message(identity, message):
             if message.get("kind") == "progress":
                 bar.update(message)
+            elif message.get("kind") == "held" and message.get("failed") in awaiting_held:
+                awaiting_held[message["failed"]]["reports"][message["node"]] = message
 
         while check_children():
-            pump(200, on_message)
+            pump(int(CHILD_POLL_S * 1000), on_message)
+            if awaiting_held:
+                settle_fins()
             if link is not None:
                 link.poll()
             if config.timeout_s is not None and time.monotonic() - t_start > config.timeout_s:

@@ -54,6 +54,11 @@ MAX_MALFORMED_LOGGED = 20
 IDLE_CHECK_S = 0.5
 #: Longest single poll while waiting, in seconds (signals and deadlines are checked in between).
 POLL_CAP_S = 0.01
+#: How often (seconds) a running node reads the launcher's control messages (``failed``).
+CONTROL_POLL_S = 0.05
+#: A message from an unknown sender waits this long (seconds) for the launcher's news of a
+#: repair link before it is dropped as malformed.
+CONTROL_WAIT_S = 1.0
 #: Poll while backpressure or the lead bound holds a node (the transport frees up without a message).
 SHORT_POLL_S = 0.001
 
@@ -146,6 +151,9 @@ class Driver:
         Set by the signal handler: the driver stops at the next check.
     on_progress : callable or None
         Called with each ``interval`` record.
+    on_control : callable or None
+        Called every :data:`CONTROL_POLL_S` seconds or so: reads the
+        launcher's control messages (and calls :meth:`node_failed`).
     """
 
     def __init__(
@@ -160,6 +168,10 @@ class Driver:
         self.malformed = 0
         self.stop_requested = False
         self.on_progress = None
+        self.on_control = None
+        self.failed_nodes: list[int] = []
+        self._in_control = False
+        self._waited_for_link: set[int] = set()
         self.drained = False
         self.eval_s = 0.0
         self._n_ids = config.n_nodes + (config.algorithm != "dasgd")
@@ -198,7 +210,21 @@ class Driver:
             )
             if self.events is not None:
                 self.events.now = time.monotonic()
-            outs = machine.on_message(header, payload)
+            try:
+                outs = machine.on_message(header, payload)
+            except WireError as exc:
+                # a repair link's first message may overtake the launcher's news of it:
+                # wait for that news once per sender
+                if (
+                    self.on_control is None
+                    or self._in_control
+                    or header.sender in self._waited_for_link
+                    or "not a neighbour" not in str(exc)
+                ):
+                    raise
+                self._waited_for_link.add(header.sender)
+                self.on_control(CONTROL_WAIT_S)
+                outs = machine.on_message(header, payload)
         except WireError as exc:
             self.malformed += 1
             if self.malformed <= MAX_MALFORMED_LOGGED:
@@ -289,6 +315,75 @@ class Driver:
             raise TransportError(f"node {self.machine.node_id} waited {waited_s:.0f} s for {what}")
         return False
 
+    def node_failed(
+        self, node: int, t_s: float | None = None, links=(), addresses=None
+    ) -> dict | None:
+        """The launcher says ``node`` died: the machine forgets it, the transport drops it.
+
+        Every message already in the inbox is handled before the report
+        (what the dead node sent before dying counts). Repair links (``links``, node ids
+        with their inbox ``addresses``) are connected, the machine's ``have``
+        requests sent, and a ``node_failed`` record logged (``failed_node``,
+        ``detected_t_s``: the launcher's run-clock time, ``links``). A
+        machine without failure handling (the PS worker) ignores it; a
+        repeated report is ignored.
+
+        Returns
+        -------
+        dict or None
+            A DASGD node's holdings of ``node`` (:meth:`NodeProtocol.held`),
+            for the launcher's ``held`` message; None otherwise.
+
+        Raises
+        ------
+        ValueError
+            If ``node`` is this node or not a node of the run.
+        """
+        if node in self.failed_nodes:
+            return None
+        handler = getattr(self.machine, "node_failed", None)
+        if handler is None:
+            return None
+        self.failed_nodes.append(node)
+        self.transport.disconnect(node)
+        if isinstance(self.machine, DasgdNode):
+            if links:
+                self.transport.connect({u: addresses[u] for u in links})
+            outs = handler(node, links)
+        else:
+            outs = handler(node) or ()
+        for out in outs:
+            self._send(out)
+        self.log.log(
+            time.monotonic(),
+            "node_failed",
+            self.machine.progress_step,
+            failed_node=node,
+            detected_t_s=t_s,
+            links=list(links),
+        )
+        if isinstance(self.machine, DasgdNode):
+            self._in_control = True  # no second wait for the launcher from in here
+            try:
+                self._receive_all()  # the dead node's last messages count in the report
+            finally:
+                self._in_control = False
+            return self.machine.protocol.held(node)
+        return None
+
+    def failed_fin(self, node: int, deltas: int, steps: int) -> None:
+        """The launcher's ``fin_of``: the dead node's ``fin`` (DASGD), logged as ``failed_fin``."""
+        if isinstance(self.machine, DasgdNode):
+            self.machine.protocol.failed_fin(node, deltas, steps)
+            self.log.log(
+                time.monotonic(),
+                "failed_fin",
+                self.machine.progress_step,
+                failed_node=node,
+                deltas=deltas,
+                steps=steps,
+            )
+
     # -- records ---------------------------------------------------------------
     def _interval(self, now: float, phase: str) -> None:
         machine = self.machine
@@ -327,8 +422,12 @@ class Driver:
         waiting_since = None  # when the current wait for a message began
         drain_since = None
         phase = "train"
+        control_t = now
         while True:
             self._check_stop()
+            if self.on_control is not None and time.monotonic() - control_t >= CONTROL_POLL_S:
+                control_t = time.monotonic()
+                self.on_control()
             work_s = 0.0
             if slowed:  # this process's own work since the last call, waits excluded
                 t = time.perf_counter()
@@ -415,6 +514,9 @@ class Driver:
         fields = machine.final_fields()
         if isinstance(machine, DasgdNode):
             fields["drained"] = self.drained
+        if self.failed_nodes or self.transport.msgs_to_failed:
+            fields["failed_nodes_seen"] = list(self.failed_nodes)
+            fields["msgs_to_failed"] = self.transport.msgs_to_failed
         self.log.log(
             time.monotonic(),
             "final",
@@ -463,6 +565,7 @@ def _build(config: RunConfig, node_id: int, run_dir: Path, meta: dict):
         neighbours=neighbours,
         adjacency=adjacency,
         slowdown_factor=factors[node_id] if node_id < len(factors) else 1.0,
+        delta_store_bytes=int(config.delta_store_mib * 2**20),
     )
     evaluator = None
     if config.eval_interval_s is not None and not (config.algorithm != "dasgd" and node_id < n):
@@ -591,8 +694,36 @@ def node_main(run_dir: str, node_id: int, control_address: str) -> int:
                     raise TransportError("the launcher is gone")
                 control.send(control_sock, {"kind": "progress", **record}, droppable=True)
 
+            def read_control(wait_s: float = 0.0):
+                timeout_ms = int(wait_s * 1000)
+                while control_sock.poll(timeout_ms):
+                    timeout_ms = 0
+                    message = control.unpack(control_sock.recv())
+                    if message is None:
+                        continue
+                    if message.get("kind") == "failed":
+                        dead = int(message["node"])
+                        links = [
+                            int(v if u == node_id else u)
+                            for u, v in message.get("links", ())
+                            if node_id in (u, v)
+                        ]
+                        addresses = {int(k): v for k, v in message.get("addresses", {}).items()}
+                        held = driver.node_failed(dead, message.get("t_s"), links, addresses)
+                        if held is not None:
+                            control.send(
+                                control_sock,
+                                {"kind": "held", "node": node_id, "failed": dead, **held},
+                            )
+                    elif message.get("kind") == "fin_of":
+                        driver.failed_fin(
+                            int(message["node"]), int(message["deltas"]), int(message["steps"])
+                        )
+
             driver.on_progress = progress
+            driver.on_control = read_control
             driver.run()
+            read_control()  # a neighbour that died at the end: do not linger on it at close
             driver.write_results(run_dir, name)
         control.send(control_sock, {"kind": "done", "node": node_id})
         return 0

@@ -148,6 +148,9 @@ class Transport:
         # per neighbour: last time it accepted a message, or its backlog became non-empty
         self._last_progress: dict[int, float] = {}
         self._poller: zmq.Poller | None = None
+        self._failed: set[int] = set()
+        #: messages not sent because their neighbour had failed (:meth:`disconnect`)
+        self.msgs_to_failed = 0
         self.msgs_out = 0
         self.bytes_out = 0
         self.msgs_in = 0
@@ -212,6 +215,32 @@ class Transport:
             if delay_s > 0:
                 self._delayed[node] = (delay_s, deque())
 
+    def disconnect(self, node: int) -> int:
+        """Drop a dead neighbour: close its socket at once and discard what waits for it.
+
+        Later sends to it are dropped and counted (``msgs_to_failed``), never
+        queued, so a dead neighbour can neither block this node nor make it
+        linger at :meth:`close`. Idempotent; a node never connected is only
+        remembered.
+
+        Returns
+        -------
+        int
+            Messages discarded (backlog and delay queue; those ZeroMQ had
+            already taken are discarded with the socket, uncounted).
+        """
+        self._failed.add(node)
+        dropped = len(self._backlog.pop(node, ()))
+        link = self._delayed.pop(node, None)
+        if link is not None:
+            dropped += len(link[1])
+        self._last_progress.pop(node, None)
+        sock = self._out.pop(node, None)
+        if sock is not None:
+            sock.close(linger=0)
+        self.msgs_to_failed += dropped
+        return dropped
+
     def close(self, linger_s: float | None = None) -> None:
         """Close every socket (waiting at most ``linger_s`` for queued sends) and the context.
 
@@ -261,7 +290,11 @@ class Transport:
         backlog (order kept) and :meth:`flush` sends it later. Frames may be
         bytes, buffers or ``zmq.Frame`` objects (sent zero-copy; a delayed
         message keeps its frames referenced until it is handed over).
+        A message to a neighbour dropped by :meth:`disconnect` is discarded.
         """
+        if to in self._failed:
+            self.msgs_to_failed += 1
+            return
         link = self._delayed.get(to)
         if link is not None:
             now = time.monotonic()
