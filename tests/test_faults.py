@@ -76,6 +76,23 @@ def test_failed_node_is_awaited_only_up_to_the_fin_the_launcher_derives():
         n1.failed_fin(0, 1, 1)  # node 0 is alive
 
 
+def test_a_neighbour_that_already_left_is_not_awaited():
+    # node 1 between 0 and 2: node 2 (a repair neighbour, say) left before its complete reached
+    # node 1; the launcher's `finished` tells node 1 not to wait for it
+    n0, n1, n2 = proto(0, [1], 3), proto(1, [0, 2], 3), proto(2, [1], 3)
+    for other in (n0, n2):
+        (fin,) = other.finish()
+        n1.receive(fin.header)
+    n1.finish()
+    assert n1.complete and n1.announce_complete().to == (0, 2)
+    n1.receive(wire.Header("complete", 0, 0, 0, 0, np.zeros(0, np.int64), n0.vv))
+    assert not n1.can_stop  # node 2's complete never came
+    n1.neighbour_finished(2)
+    assert n1.can_stop
+    n1.neighbour_finished(2)  # idempotent
+    n1.neighbour_finished(7)  # not a neighbour: ignored
+
+
 def test_fin_of_a_failed_node_is_still_honoured():
     n0, n1 = proto(0, [1], 2), proto(1, [0], 2)
     d = n0.local_step().header

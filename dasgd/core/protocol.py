@@ -448,6 +448,15 @@ class NodeProtocol:
         self.neighbours = tuple(u for u in self.neighbours if u != node)
         self._neighbours_complete.discard(node)
 
+    def neighbour_finished(self, node: int) -> None:
+        """``node`` has stopped (it was complete and so were its neighbours): count it complete.
+
+        After a repair a node may leave before a new neighbour hears its
+        ``complete``; it needs nothing more, so nobody waits for it. Idempotent.
+        """
+        if node in self.neighbours:
+            self._neighbours_complete.add(node)
+
     def add_neighbour(self, node: int) -> None:
         """A repair link to ``node`` (a live node): send to it and await its ``complete`` too.
 

@@ -25,6 +25,9 @@ kind          direction                  fields
                                          <dasgd.core.protocol.NodeProtocol.held>`)
 ``fin_of``    launcher -> node           ``node`` (the dead node), ``deltas``, ``steps``:
                                          its ``fin``, derived from every ``held``
+``finished``  launcher -> node           ``node``: a DASGD node process that exited
+                                         normally after a failure; its neighbours (a
+                                         repair link's too) stop awaiting its ``complete``
 ============  =========================  ==============================================
 
 A node's progress reports are dropped rather than block it; every other wait
@@ -48,7 +51,7 @@ from ..errors import TransportError
 
 __all__ = ["KINDS", "pack", "recv", "send", "unpack"]
 
-KINDS = ("ready", "start", "progress", "done", "error", "failed", "held", "fin_of")
+KINDS = ("ready", "start", "progress", "done", "error", "failed", "held", "fin_of", "finished")
 
 
 def pack(message: dict) -> bytes:

@@ -540,6 +540,8 @@ def _launch_local(config, run_dir, context, hosts: HostSpec, link, progress: boo
                 json.dumps(sorted(failures.values(), key=lambda f: f["node"]), indent=2) + "\n"
             )
 
+        finished: set[int] = set()
+
         def alive_nodes() -> list[int]:
             return [j for j, p in procs.items() if j < n and j not in failures and p.poll() is None]
 
@@ -572,6 +574,14 @@ def _launch_local(config, run_dir, context, hosts: HostSpec, link, progress: boo
                 rc = proc.poll()
                 if rc is None:
                     running += 1
+                elif rc == 0 and failures and i not in finished and config.algorithm == "dasgd":
+                    # a node that is done needs nothing more: after a repair it may have left
+                    # before its new neighbour heard its `complete`; nobody waits for it
+                    finished.add(i)
+                    notice = control_messages.pack({"kind": "finished", "node": i})
+                    for j, other in procs.items():
+                        if j != i and other.poll() is None and j in identities:
+                            control.send_multipart([identities[j], notice])
                 elif rc != 0 and i not in failures:
                     if not tolerated(i):
                         raise fail(i, f"exited with code {rc}")

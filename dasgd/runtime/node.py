@@ -371,6 +371,12 @@ class Driver:
             return self.machine.protocol.held(node)
         return None
 
+    def neighbour_finished(self, node: int) -> None:
+        """The launcher's ``finished``: ``node`` exited normally; stop awaiting and sending to it."""
+        if isinstance(self.machine, DasgdNode) and node != self.machine.node_id:
+            self.machine.protocol.neighbour_finished(node)
+            self.transport.disconnect(node)  # nothing queued for it can matter any more
+
     def failed_fin(self, node: int, deltas: int, steps: int) -> None:
         """The launcher's ``fin_of``: the dead node's ``fin`` (DASGD), logged as ``failed_fin``."""
         if isinstance(self.machine, DasgdNode):
@@ -719,6 +725,8 @@ def node_main(run_dir: str, node_id: int, control_address: str) -> int:
                         driver.failed_fin(
                             int(message["node"]), int(message["deltas"]), int(message["steps"])
                         )
+                    elif message.get("kind") == "finished":
+                        driver.neighbour_finished(int(message["node"]))
 
             driver.on_progress = progress
             driver.on_control = read_control
