@@ -64,6 +64,9 @@ from .rendezvous import (
 
 __all__ = ["run", "stop_processes"]
 
+#: Longest wait of a host for host 0's summary when the run has no --timeout-s (a silent
+#: host 0 is caught sooner, by the heartbeats).
+GATHER_TIMEOUT_S = 3600.0
 #: How long stopped nodes get between SIGTERM and SIGKILL.
 TERMINATE_TIMEOUT_S = 5.0
 #: The launcher checks its children at least this often (seconds): the bound on
@@ -351,8 +354,10 @@ def _gather(config: RunConfig, run_dir: Path, hosts: HostSpec, link: HostLink) -
         {"kind": "result", "host_rank": hosts.host_rank, "names": names},
         [(run_dir / name).read_bytes() for name in names],
     )
-    # host 0 evaluates every model: allow for it on top of the transfer
-    done = link.wait_for("done", config.transport.send_timeout_s + config.transport.ready_timeout_s)
+    # host 0's nodes may still be draining and it then evaluates every model (analysis of a
+    # large run takes minutes): the heartbeats catch a dead host 0 within --send-timeout-s,
+    # so this deadline only bounds a live host 0 that never finishes
+    done = link.wait_for("done", config.timeout_s or GATHER_TIMEOUT_S)
     return json.loads(done["summary"])
 
 
