@@ -481,3 +481,23 @@ def test_the_rendezvous_drops_malformed_joins_and_still_starts():
         stranger.close()
         server.stop()
         server.join(timeout=5)
+
+
+@pytest.mark.multiprocess
+def test_a_host_whose_rendezvous_goes_silent_fails_within_the_send_timeout(tmp_path):
+    endpoint = f"127.0.0.2:{free_port('127.0.0.2')}"
+    slow = ("--compute-time", "0.01", "--steps", "3000", "--send-timeout-s", "5")
+    procs = [launch(tmp_path, k, 2, endpoint, *slow) for k in range(2)]
+    wait_for(lambda: list((tmp_path / "h1").glob("*/node-2.gradients.bin")), 60, "training")
+    host0 = psutil.Process(procs[0].pid)
+    nodes0 = host0.children(recursive=True)
+    host0.kill()  # host 0's launcher (and its rendezvous) vanishes without a word
+    t = time.monotonic()
+    codes = finish(procs, timeout_s=90)
+    assert codes[1] == 1 and time.monotonic() - t < 60
+    assert "no word from the rendezvous" in output(tmp_path, 1)
+    for p in nodes0:  # host 0's orphaned nodes notice their launcher is gone and exit
+        wait_for(
+            lambda p=p: not p.is_running() or p.status() == psutil.STATUS_ZOMBIE, 60, "node exit"
+        )
+    no_process_left(tmp_path)
