@@ -6,9 +6,6 @@ CPU work, so a kill lands mid-run however loaded the machine is; every wait has 
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +26,7 @@ from dasgd.runtime.transport import Transport
 from dasgd.topology import neighbours, parse_topology
 
 from .conftest import wait_for
+from .test_multiprocess import start_command as multiprocess_command
 
 
 def proto(node, nbrs, n, adjacency=None):
@@ -252,29 +250,9 @@ mp = pytest.mark.multiprocess
 
 
 def start_command(tmp_path, *args):
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "dasgd",
-            "run",
-            "-q",
-            "--out-dir",
-            str(tmp_path / "runs"),
-            "--run-id",
-            "r",
-            "--log-interval-s",
-            "0.05",
-            "--eval-interval-s",
-            "0",
-            "--timeout-s",
-            "300",
-            *args,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
+    """``dasgd run`` as tests/test_multiprocess.py starts it, with fast logs and a deadline."""
+    return multiprocess_command(
+        tmp_path, "--log-interval-s", "0.05", "--eval-interval-s", "0", "--timeout-s", "300", *args
     )
 
 
