@@ -197,17 +197,10 @@ def load_run(path) -> RunResult:
         (an interrupted run: its logs are still readable with
         :func:`dasgd.analysis.export.run_tables`).
     """
+    from .rundir import read_summary
+
     run_dir = Path(path)
-    summary_path = run_dir / "summary.json"
-    if not summary_path.is_file():
-        raise ConfigError(
-            f"no summary.json in {str(run_dir)!r}: give a finished run directory (runs/<run-id>)"
-        )
-    try:
-        summary = json.loads(summary_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{summary_path} is not valid JSON ({exc.msg})") from None
-    return RunResult(run_dir, summary)
+    return RunResult(run_dir, read_summary(run_dir))
 
 
 def _frame(table):

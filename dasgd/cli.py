@@ -951,16 +951,10 @@ def _cmd_export(args) -> int:
 
 def _cmd_summary(args) -> int:
     from .analysis.metrics import format_summary
+    from .rundir import read_summary
 
     path = Path(args.run_dir) / "summary.json"
-    if not path.is_file():
-        raise ConfigError(
-            f"no summary.json in {args.run_dir!r}: give a finished run directory (runs/<run-id>)"
-        )
-    try:
-        summary = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    summary = read_summary(args.run_dir)
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0

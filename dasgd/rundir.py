@@ -44,6 +44,42 @@ ARRAYS_FILE = "arrays.npz"
 _ARRAY_KEYS = ("X", "y", "X_test", "y_test")
 
 
+def read_summary(run_dir) -> dict:
+    """The ``summary.json`` of a finished run directory (``dasgd summary``, ``report``, ``load_run``).
+
+    Raises
+    ------
+    ConfigError
+        One line: the directory does not exist, has no ``summary.json``, or it
+        is not a JSON object with a ``run`` section.
+    """
+    path = Path(run_dir)
+    if not path.is_dir():
+        what = "is not a directory" if path.exists() else "does not exist"
+        raise ConfigError(
+            f"run directory {str(run_dir)!r} {what}: give a finished run directory (it holds "
+            "summary.json)"
+        )
+    file = path / "summary.json"
+    if not file.is_file():
+        raise ConfigError(
+            f"no summary.json in {str(run_dir)!r}: give a finished run directory (runs/<run-id>)"
+        )
+    try:
+        summary = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{file} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(
+            f"{file} is unreadable ({getattr(exc, 'strerror', None) or exc})"
+        ) from None
+    if not isinstance(summary, dict):
+        raise ConfigError(f"{file}: expected a JSON object, got {type(summary).__name__}")
+    if not isinstance(summary.get("run"), dict):
+        raise ConfigError(f"{file} is not a dasgd summary (no 'run' section)")
+    return summary
+
+
 def process_name(config: RunConfig, node_id: int) -> str:
     """File stem of a process's log and outputs: ``node-<i>``, or ``server`` for the parameter server."""
     return (

@@ -173,20 +173,10 @@ def load_run(run_dir) -> RunData:
     ConfigError
         If the directory does not exist or has no readable ``summary.json``.
     """
+    from ..rundir import read_summary
+
     path = Path(run_dir)
-    if not path.is_dir():
-        what = "is not a directory" if path.exists() else "does not exist"
-        raise ConfigError(f"run directory {str(run_dir)!r} {what}: give a finished run directory")
-    if not (path / "summary.json").is_file():
-        raise ConfigError(
-            f"no summary.json in {str(run_dir)!r}: give a finished run directory (runs/<run-id>)"
-        )
-    try:
-        summary = _read_json(path / "summary.json")
-    except ValueError as exc:
-        raise ConfigError(f"{path / 'summary.json'} is {exc}") from None
-    if not isinstance(summary.get("run"), dict):
-        raise ConfigError(f"{path / 'summary.json'} is not a dasgd summary (no 'run' section)")
+    summary = read_summary(path)
     notes = []
     config = summary.get("config")
     if not isinstance(config, dict):
