@@ -20,6 +20,7 @@ from dasgd.ml.models import build_model  # noqa: E402
 from dasgd.ml.torch_model import TorchModel, spec_of  # noqa: E402
 
 from . import torch_factories  # noqa: E402
+from .test_models import _numerical_grad  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = "torch:tests.torch_factories:"
@@ -28,19 +29,6 @@ SPEC = "torch:tests.torch_factories:"
 def _problem(n_features, n_classes, m=8, seed=0):
     rng = np.random.default_rng(seed)
     return rng.normal(size=(m, n_features)), rng.integers(0, n_classes, size=m).astype(np.int64)
-
-
-def _numerical_grad(model, params, X, y, eps=1e-6):
-    grad = np.empty_like(params)
-    probe = params.copy()
-    for i in range(params.size):
-        probe[i] = params[i] + eps
-        up = model.loss(probe, X, y)
-        probe[i] = params[i] - eps
-        down = model.loss(probe, X, y)
-        probe[i] = params[i]
-        grad[i] = (up - down) / (2 * eps)
-    return grad
 
 
 @pytest.mark.parametrize(
