@@ -350,11 +350,26 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--on-node-failure",
-        choices=("continue", "stop"),
+        choices=("continue", "stop", "restart"),
         default=d.on_node_failure,
         help="a node process dies: the others finish without it and the summary names it "
-        "(continue), or the run fails naming it (stop); a dead PS server always stops it "
+        "(continue), the run fails naming it (stop), or it is started again and takes a "
+        "neighbour's model (restart, DASGD); a dead PS server always stops it "
         "(default: %(default)s)",
+    )
+    g.add_argument(
+        "--max-restarts",
+        type=int,
+        default=d.max_restarts,
+        help="restarts per node under --on-node-failure restart; then as continue "
+        "(default: %(default)s)",
+    )
+    g.add_argument(
+        "--heartbeat-timeout-s",
+        type=float,
+        default=d.heartbeat_timeout_s,
+        help="a node process silent this long (hung or stopped) is killed and counts as failed; "
+        "keep it above the longest step (default: %(default)s)",
     )
     g.add_argument(
         "--delta-store-mib",
@@ -604,6 +619,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         record_events=args.record_events,
         on_node_failure=args.on_node_failure,
         delta_store_mib=args.delta_store_mib,
+        max_restarts=args.max_restarts,
+        heartbeat_timeout_s=args.heartbeat_timeout_s,
     )
 
 
@@ -672,6 +689,10 @@ def args_from_config(config: RunConfig) -> dict:
         "timeout_s": config.timeout_s,
         "eval_interval_s": config.eval_interval_s or 0.0,
         "record_events": config.record_events,
+        "on_node_failure": config.on_node_failure,
+        "delta_store_mib": config.delta_store_mib,
+        "max_restarts": config.max_restarts,
+        "heartbeat_timeout_s": config.heartbeat_timeout_s,
         "bandwidth": "" if bw is None else repr(float(bw)),
         "message_bytes": config.sim.message_bytes,
     }

@@ -33,7 +33,7 @@ __all__ = [
 
 ALGORITHMS = ("dasgd", "ps-async", "ps-sync")
 #: What a run does when a node process dies (``--on-node-failure``).
-FAILURE_POLICIES = ("continue", "stop")
+FAILURE_POLICIES = ("continue", "stop", "restart")
 SERVER_OPTIMIZERS = ("sgd", "amsgrad")
 DELAY_RULES = ("none", "inverse", "drop")
 TRANSPORTS = ("ipc", "tcp")
@@ -397,13 +397,26 @@ class RunConfig:
         model snapshots at evaluations: :mod:`dasgd.analysis.events`) that the
         virtual-sequence and pairwise staleness and the convergence curves of
         ``analysis.json`` need. False keeps only the JSONL logs.
-    on_node_failure : {"continue", "stop"}
+    on_node_failure : {"continue", "stop", "restart"}
         When a node process dies: ``continue`` tells the survivors, which
         finish their steps without it (DASGD nodes, and ps-async workers); the
         run exits 0 and the summary names it. ``stop`` ends the run at once
-        with :class:`~dasgd.errors.NodeFailed` naming the node. A dead
-        parameter server, a dead ps-sync worker, a failure before every node
-        is ready and a failure in a run over several hosts always stop it.
+        with :class:`~dasgd.errors.NodeFailed` naming the node. ``restart``
+        (DASGD) starts the node's process again, which takes a live
+        neighbour's model and version vector and continues its remaining
+        steps; after ``max_restarts`` restarts of one node, or for a node that
+        had finished its steps, it acts as ``continue`` (ps-async: as
+        ``continue``). A dead parameter server, a dead ps-sync worker, a
+        failure before every node is ready and a failure in a run over
+        several hosts always stop it.
+    max_restarts : int
+        Restarts allowed per node under ``restart`` (``--max-restarts``).
+    heartbeat_timeout_s : float
+        A running node process that sends its launcher nothing for this long
+        (hung, stopped, or its machine frozen) is killed and counts as failed
+        (``--heartbeat-timeout-s``); nodes send a heartbeat every
+        :data:`~dasgd.runtime.control.HEARTBEAT_S` seconds between steps, so
+        it must exceed the longest single step or evaluation.
     delta_store_mib : float
         MiB of recent deltas each DASGD node keeps (oldest evicted first) to
         send to a neighbour that lacks them after a node failure
@@ -427,6 +440,8 @@ class RunConfig:
     record_events: bool = True
     on_node_failure: str = "continue"
     delta_store_mib: float = 16.0
+    max_restarts: int = 3
+    heartbeat_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.n_nodes is not None:
@@ -439,6 +454,10 @@ class RunConfig:
             raise ConfigError(
                 f"--delta-store-mib must be between 0 and 2**20 MiB, got {self.delta_store_mib!r}"
             )
+        _positive(
+            self.max_restarts, "max restarts", "--max-restarts", integer=True, allow_zero=True
+        )
+        _positive(self.heartbeat_timeout_s, "heartbeat timeout", "--heartbeat-timeout-s")
         _positive(self.log_interval_s, "log interval", "--log-interval-s")
         if self.eval_interval_s is not None:
             _positive(self.eval_interval_s, "eval interval", "--eval-interval-s")

@@ -39,6 +39,7 @@ row, which the readers drop.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -136,13 +137,22 @@ def read_columns(path, dtype) -> np.ndarray:
 
 
 class _Columns:
-    """Rows appended as tuples, written as one structured array per chunk."""
+    """Rows appended as tuples, written as one structured array per chunk.
+
+    An existing file (a restarted node's, ``--on-node-failure restart``) is
+    appended to after its partial last row, if any (the killed writer's), is cut.
+    """
 
     def __init__(self, path: Path, dtype: np.dtype) -> None:
         self.path = path
         self.dtype = dtype
         self.rows: list[tuple] = []
         self.written = 0
+        if path.exists():
+            size = path.stat().st_size
+            self.written = size // dtype.itemsize
+            if size % dtype.itemsize:
+                os.truncate(path, self.written * dtype.itemsize)
 
     def flush(self) -> None:
         if not self.rows:

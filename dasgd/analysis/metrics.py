@@ -252,6 +252,14 @@ def read_failures(run_dir) -> dict[int, dict]:
     return {int(f["node"]): f for f in json.loads(path.read_text())}
 
 
+def read_restarts(run_dir) -> list[dict]:
+    """The node restarts the launcher recorded (``restarts.json``, ``--on-node-failure restart``); [] if none."""
+    path = Path(run_dir) / "restarts.json"
+    if not path.exists():
+        return []
+    return json.loads(path.read_text())
+
+
 def _survivors_exactly_once(alive: list[int], finals: list[dict], failures: dict):
     """Exactly-once among survivors, and the summary entries of the failed nodes.
 
@@ -381,6 +389,10 @@ def build_summary(
     oracle = max(float(np.linalg.norm(m - reference)) for m in models) / scale
     sealed = [f["deltas_sealed"] for f in finals]
     steps = [f["steps"] for f in finals]
+    restarted = sorted(i for i, f in zip(alive, finals, strict=True) if f.get("restored"))
+    if restarted:
+        # a restarted node's sum of its earlier deltas died with its first process
+        oracle = None
     if failures:
         # the dead nodes' deltas are known only as the survivors hold them: compare survivors
         exactly_once, failed_nodes = _survivors_exactly_once(alive, finals, failures)
@@ -396,6 +408,8 @@ def build_summary(
     run = {
         "n_nodes": n,
         "failed_nodes": sorted(failures),
+        "restarted_nodes": restarted,
+        "restarts": read_restarts(run_dir),
         "test_accuracy_mean": float(np.mean([x["test_accuracy"] for x in nodes])),
         "test_accuracy_min": float(np.min([x["test_accuracy"] for x in nodes])),
         "test_loss_mean": float(np.mean([x["test_loss"] for x in nodes])),
@@ -428,6 +442,8 @@ def build_summary(
         "consensus_distance_rel": consensus,
         "oracle_distance_rel": oracle,
     }
+    if failures or restarted:
+        checks["delta_store_misses"] = int(sum(f.get("delta_store_misses", 0) for f in finals))
     if failures:
         checks["survivors"] = len(alive)
         # deltas a neighbour asked for (anti-entropy) that had left this node's store
@@ -588,11 +604,14 @@ def format_summary(summary: dict, *, max_edges: int = 32) -> str:
         )
 
     failed = [node for node in summary["nodes"] if node.get("failed")]
+    restarts = run.get("restarts") or []
+    restarted = {r["node"] for r in restarts}
     for node in summary["nodes"]:
         if node.get("failed"):
             lines.append(f"{str(node['node']) + '*':>6} FAILED (exit code {node['exit_code']})")
         else:
-            lines.append(row(str(node["node"]), node))
+            mark = "r" if node["node"] in restarted else ""
+            lines.append(row(str(node["node"]) + mark, node))
     lines.append("-" * len(header))
     lines.append(row("all" if not failed else "alive", run))
     checks = summary["checks"]
@@ -607,6 +626,23 @@ def format_summary(summary: dict, *, max_edges: int = 32) -> str:
             f"* {'worker' if ps else 'node'} {node['node']} failed: seen dead at t = {node['detected_t_s']:.2f} s "
             f"(exit code {node['exit_code']}), last logged step {node['last_step']} of "
             f"{node['planned_steps']} ({node['steps_lost']} steps lost){held}"
+            + (
+                f"; killed after {node['hung_s']:.1f} s without a heartbeat"
+                if "hung_s" in node
+                else ""
+            )
+        )
+    for r in restarts:
+        rejoined = (
+            f", took node {r['donor']}'s state at t = {r['rejoined_t_s']:.2f} s"
+            if "rejoined_t_s" in r
+            else ""
+        )
+        lines.append(
+            f"* node {r['node']}r restarted (restart {r['incarnation']}): seen dead at "
+            f"t = {r['detected_t_s']:.2f} s (exit code {r['exit_code']}){rejoined}, resumed at "
+            f"step {r['steps_held']} of {r['planned_steps']} (last logged step {r['last_step']})"
+            + (f"; killed after {r['hung_s']:.1f} s without a heartbeat" if "hung_s" in r else "")
         )
     if ps:
         in_flight = run.get("tau_in_flight_steps") or []

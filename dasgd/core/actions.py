@@ -8,7 +8,16 @@ now (:class:`~dasgd.core.protocol.Outgoing`), then either a time to wait until
 of these names.
 """
 
-__all__ = ["CONTINUE", "DONE", "WAIT_BACKLOG", "WAIT_DRAIN", "WAIT_LEAD", "WAIT_MESSAGE", "WAITS"]
+__all__ = [
+    "CONTINUE",
+    "DONE",
+    "WAIT_BACKLOG",
+    "WAIT_DRAIN",
+    "WAIT_LEAD",
+    "WAIT_MESSAGE",
+    "WAIT_STATE",
+    "WAITS",
+]
 
 #: Nothing to wait for: handle what has arrived, then advance again.
 CONTINUE = "continue"
@@ -20,7 +29,9 @@ WAIT_LEAD = "lead"
 WAIT_BACKLOG = "backlog"
 #: Finished stepping: wait for the other nodes' deltas.
 WAIT_DRAIN = "drain"
+#: A restarted DASGD node waits for its neighbour's state (``--on-node-failure restart``).
+WAIT_STATE = "state"
 #: Finished: write the results and stop.
 DONE = "done"
 #: The names that mean "handle messages until one arrives".
-WAITS = (WAIT_MESSAGE, WAIT_LEAD, WAIT_BACKLOG, WAIT_DRAIN)
+WAITS = (WAIT_MESSAGE, WAIT_LEAD, WAIT_BACKLOG, WAIT_DRAIN, WAIT_STATE)

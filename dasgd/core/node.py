@@ -27,6 +27,13 @@ messages keep arriving and being applied, and finally the update is added to
 the model and to the open delta, which is sealed every ``send_every`` steps.
 A gradient that waited is therefore applied to a newer model than the one it
 was computed on: the staleness a slow device causes.
+
+A restarted node (``--on-node-failure restart``) first calls :meth:`DasgdNode.join`:
+it asks a live neighbour for its state (``join``), keeps what else arrives
+meanwhile, and once the ``state`` is in (the neighbour's model without its open
+window, its version vector, applied deltas and known ``fin`` totals) continues
+its remaining steps from the steps the survivors hold of it; its neighbours then
+send it the stored deltas and the ``fin`` messages it may lack (anti-entropy).
 """
 
 from __future__ import annotations
@@ -36,15 +43,16 @@ from collections import OrderedDict
 
 import numpy as np
 
-from ..errors import Diverged
+from ..errors import Diverged, WireError
 from . import wire
-from .actions import CONTINUE, DONE, WAIT_BACKLOG, WAIT_DRAIN, WAIT_LEAD
+from .actions import CONTINUE, DONE, WAIT_BACKLOG, WAIT_DRAIN, WAIT_LEAD, WAIT_STATE
 from .emulation import ComputeTime, Slowdown
 from .protocol import NodeProtocol, Outgoing
 
 __all__ = ["DasgdNode"]
 
 _NOTHING: tuple = ()
+_NO_VV = np.zeros(0, np.int64)
 
 
 class DasgdNode:
@@ -206,6 +214,12 @@ class DasgdNode:
         self._have_sent: set[tuple[int, int]] = set()
         self.deltas_pushed = 0
         self.store_misses = 0
+        # restart with state transfer: joins this node answers (joiner -> its deltas to hold
+        # first), and, while this node itself joins, the donor and what arrived meanwhile
+        self._joins: dict[int, int] = {}
+        self._donor: int | None = None
+        self._held_back: list[tuple] = []
+        self.restored: dict | None = None
 
     # -- state -------------------------------------------------------------
     @property
@@ -242,6 +256,28 @@ class DasgdNode:
             or a new delta holds NaN or inf; nothing was changed.
         """
         protocol = self.protocol
+        kind = header.kind
+        if kind == "join":
+            return self._on_join(header)
+        if kind == "have" and header.origin == header.sender in protocol.failed:
+            # a restarted node's first message may overtake the launcher's news of it: what
+            # this node sends it now would be dropped (the driver waits for the news once)
+            raise WireError(
+                f"have from node {header.sender}, which is not a neighbour of {self.node_id} "
+                "until the news of its restart"
+            )
+        if self.phase == "joining":
+            if kind == "state" and header.sender == self._donor:
+                return self._install(header, payload)
+            if kind not in wire.VV_KINDS or header.sender not in protocol.neighbours:
+                raise WireError(f"{kind} from node {header.sender} while node {self.node_id} joins")
+            # held back until the state is in (the state may already hold it: de-duplicated then)
+            self._held_back.append((header, None if payload is None else np.array(payload)))
+            return _NOTHING
+        if kind == "state":
+            raise WireError(
+                f"state from node {header.sender}, which node {self.node_id} did not ask"
+            )
         if self.check_finite and payload is not None and protocol.is_new_delta(header):
             wire.check_finite_array(header, payload)  # only for deltas that will be applied
         apply, forward = protocol.receive(header)
@@ -265,10 +301,144 @@ class DasgdNode:
                     self.params += scale * payload
                 else:
                     self.deltas_dropped += 1
+            if self._joins:  # a restarted neighbour may be waiting for this delta
+                answers = self._answer_joins()
+                if answers:
+                    if forward is not None:
+                        forward.payload = payload
+                        answers.insert(0, forward)
+                    return answers
         if forward is None:
             return _NOTHING
         forward.payload = payload
         return [forward]
+
+    # -- restart with state transfer ---------------------------------------------
+    def join(self, donor: int, deltas: int) -> list[Outgoing]:
+        """Start as a restarted node: ask neighbour ``donor`` for its state.
+
+        Until the state arrives :meth:`advance` answers :data:`WAIT_STATE` and
+        messages from neighbours are kept (copied) to be handled after it.
+
+        Parameters
+        ----------
+        donor : int
+            A live neighbour.
+        deltas : int
+            How many of this node's earlier deltas the survivors hold (the
+            launcher's count from their reports); the donor answers once it
+            holds all of them.
+
+        Returns
+        -------
+        list of Outgoing
+            The ``join`` message.
+
+        Raises
+        ------
+        ValueError
+            If this node has started, or ``donor`` is not a neighbour.
+        """
+        if self.phase != "ready" or self.t_start is not None:
+            raise ValueError(f"node {self.node_id} joins after it started")
+        if donor not in self.protocol.neighbours:
+            raise ValueError(f"node {self.node_id}: donor {donor} is not a neighbour")
+        self.phase = "joining"
+        self._donor = donor
+        me = self.node_id
+        header = wire.Header("join", me, me, int(deltas), 0, _NO_VV, _NO_VV)
+        return [Outgoing(header, (donor,))]
+
+    def node_rejoined(self, node: int, *, link: bool) -> None:
+        """A dead node was restarted: see :meth:`NodeProtocol.node_rejoined`."""
+        self.protocol.node_rejoined(node, link=link)
+        self.neighbours = list(self.protocol.neighbours)
+        self._have_sent = {(f, u) for f, u in self._have_sent if node not in (f, u)}
+        self._joins.pop(node, None)
+
+    def _on_join(self, header: wire.Header) -> list[Outgoing]:
+        joiner = header.sender
+        if header.origin != joiner or joiner not in self.protocol.neighbours:
+            raise WireError(f"join from node {joiner}, which is not a neighbour of {self.node_id}")
+        if self.phase == "joining":
+            raise WireError(f"join from node {joiner} while node {self.node_id} joins itself")
+        self._joins[joiner] = header.seq
+        return self._answer_joins()
+
+    def _answer_joins(self) -> list[Outgoing]:
+        """The ``state`` for each restarted neighbour whose earlier deltas this node holds."""
+        protocol = self.protocol
+        out = []
+        for joiner, expected in list(self._joins.items()):
+            held = int(protocol.applied_deltas[joiner])
+            if held < expected or protocol.contiguous_counts()[joiner] != held:
+                continue  # anti-entropy among the survivors brings the rest
+            del self._joins[joiner]
+            state = protocol.state()
+            model = self.params - self.open_delta if protocol.window_steps else self.params.copy()
+            fin_deltas = np.where(state["fin_deltas"] < 0, wire.UNKNOWN_COUNT, state["fin_deltas"])
+            fin_steps = np.where(state["fin_steps"] < 0, wire.UNKNOWN_COUNT, state["fin_steps"])
+            extra = {
+                "applied": wire.vv_to_bytes(state["applied"]),
+                "above": [[int(k), [int(q) for q in v]] for k, v in state["above"].items()],
+                "fin_deltas": wire.vv_to_bytes(fin_deltas),
+                "fin_steps": wire.vv_to_bytes(fin_steps),
+                "failed": [int(k) for k in state["failed"]],
+            }
+            me = self.node_id
+            header = wire.Header(
+                "state",
+                me,
+                me,
+                0,
+                0,
+                state["contiguous"],
+                state["vv"],
+                self.dtype.name,
+                (self.n_params,),
+                extra,
+            )
+            out.append(Outgoing(header, (joiner,), payload=model))
+        return out
+
+    def _install(self, header: wire.Header, payload) -> list[Outgoing]:
+        """The donor's ``state``: take it over, then handle what was held back."""
+        protocol = self.protocol
+        extra = header.extra
+        fins = []
+        for key in ("fin_deltas", "fin_steps"):
+            counts = np.asarray(extra[key], dtype=np.int64)
+            fins.append(np.where(counts == wire.UNKNOWN_COUNT, -1, counts))
+        wire.check_finite_array(header, payload)
+        protocol.install_state(
+            header.sender_vv,
+            header.base_vv,
+            extra["applied"],
+            extra["above"],
+            fins[0],
+            fins[1],
+            extra["failed"],
+        )
+        np.copyto(self.params, payload)
+        self.delta_sum[:] = 0  # the earlier deltas' sum died with the old process
+        for _ in range(self.step):  # the batches the node would have drawn so far
+            self.sampler.next_batch()
+        self.restored = {
+            "donor": int(header.sender),
+            "deltas": int(protocol.deltas_sealed),
+            "steps": self.step,
+        }
+        self.phase = "ready"
+        self._donor = None
+        me = self.node_id
+        # the neighbours send what this node lacks: stored deltas and the fins it may have missed
+        out = [protocol.have(me, u, answer=True) for u in protocol.neighbours]
+        held_back, self._held_back = self._held_back, []
+        for h, p in held_back:
+            for o in self.on_message(h, p):
+                o.live = o.payload is not None  # copied by the driver: p is not a received frame
+                out.append(o)
+        return out
 
     def node_failed(self, node: int, links=()) -> list[Outgoing]:
         """A node of the run died (``--on-node-failure continue``): forget it, link up, repair.
@@ -335,7 +505,9 @@ class DasgdNode:
         protocol = self.protocol
         failed, sender = header.origin, header.sender
         out = []
-        if failed not in protocol.failed and failed != self.node_id:
+        if failed == sender:  # a restarted neighbour installed its state: the fins it may lack
+            out += protocol.known_fins(sender)
+        elif failed not in protocol.failed and failed != self.node_id:
             out += self.node_failed(failed)  # the news came from a neighbour first
         theirs = header.base_vv
         mine = protocol.contiguous_counts()
@@ -403,7 +575,9 @@ class DasgdNode:
         """
         if work_s:
             self.slowdown.owe(work_s)
-        sends = _NOTHING
+        if self.phase == "joining":
+            return _NOTHING, WAIT_STATE
+        sends = self._answer_joins() if self._joins else _NOTHING
         if self.phase == "computing":
             if now < self._compute_end:
                 return _NOTHING, self._compute_end
@@ -548,6 +722,7 @@ class DasgdNode:
             "backlog_waits": self.backlog_waits,
             "deltas_pushed": self.deltas_pushed,
             "delta_store_misses": self.store_misses,
+            "restored": self.restored,
             "optimizer": self.optimizer.state_dict(),
             **self.protocol.summary(),
         }

@@ -33,6 +33,13 @@ exchange ``have`` messages (anti-entropy; the owner sends the deltas a
 neighbour lacks from its store), and the drain waits for the dead node's
 ``fin`` as before: its own if it sent one, otherwise the one the launcher
 derives from what every survivor holds (:meth:`~NodeProtocol.failed_fin`).
+
+Restart (``--on-node-failure restart``): a restarted node takes a live
+neighbour's state (:meth:`~NodeProtocol.state` there,
+:meth:`~NodeProtocol.install_state` here: version vector, which deltas are
+applied, the ``fin`` totals known) and continues its own sequence of deltas
+where the survivors' holdings of it end; the survivors take it back as a
+neighbour with :meth:`~NodeProtocol.node_rejoined` and await its real ``fin``.
 """
 
 from __future__ import annotations
@@ -476,6 +483,113 @@ class NodeProtocol:
         self.neighbours = tuple(sorted((*self.neighbours, node)))
         self.staleness.add_edge(node)
 
+    def node_rejoined(self, node: int, *, link: bool) -> None:
+        """A dead node was restarted (``--on-node-failure restart``): it is live again.
+
+        Its deltas are relayed with pruning again (it sends to its original
+        neighbours itself) and the drain awaits its own ``fin``. With
+        ``link``, it is a neighbour of this node again (send to it, await its
+        ``complete``). Idempotent.
+
+        Raises
+        ------
+        ValueError
+            If ``node`` is this node or outside 0..n_nodes-1, or its ``fin`` is
+            already known (a node that had finished is not restarted).
+        """
+        if node == self.node_id or not 0 <= node < self.n_nodes:
+            raise ValueError(f"node {self.node_id} told that node {node} rejoined: not a peer")
+        if self._fin_deltas[node] >= 0:
+            raise ValueError(f"node {node} rejoined after its fin: it had finished")
+        self.failed.discard(node)
+        if link:
+            self.add_neighbour(node)
+            self._neighbours_complete.discard(node)
+
+    def state(self) -> dict:
+        """What a restarted neighbour installs (:meth:`install_state`): this node's bookkeeping.
+
+        Without the open window: its steps are not in the state's model either
+        (the driver sends the model less the open delta); they reach the
+        restarted node in the sealed delta like every other neighbour's.
+
+        Returns
+        -------
+        dict
+            ``vv`` and ``contiguous`` (ndarray (n_nodes,)), ``applied``
+            (deltas applied per origin; own: sealed), ``above`` (origin ->
+            sorted seqs applied beyond ``contiguous``), ``fin_deltas`` and
+            ``fin_steps`` (ndarray (n_nodes,), -1 where unknown), ``failed``
+            (sorted node ids).
+        """
+        vv = self.vv.copy()
+        vv[self.node_id] -= self._window_steps
+        applied = self.applied_deltas.copy()
+        applied[self.node_id] = self.deltas_sealed
+        return {
+            "vv": vv,
+            "contiguous": self.contiguous_counts(),
+            "applied": applied,
+            "above": {k: sorted(v) for k, v in self._applied_above.items() if v},
+            "fin_deltas": self._fin_deltas.copy(),
+            "fin_steps": self._fin_steps.copy(),
+            "failed": sorted(self.failed),
+        }
+
+    def install_state(
+        self, vv, contiguous, applied, above, fin_deltas, fin_steps, failed=()
+    ) -> None:
+        """Take over a neighbour's bookkeeping (:meth:`state`) as a restarted node.
+
+        This node's own entries are its earlier deltas as the neighbour holds
+        them: it seals its next delta with sequence number ``contiguous[me]``
+        and counts its steps from ``vv[me]``. Staleness statistics start anew.
+
+        Parameters
+        ----------
+        vv, contiguous, applied, fin_deltas, fin_steps : array-like of shape (n_nodes,)
+            As returned by :meth:`state` (``fin_*``: -1 where unknown).
+        above : mapping of int to iterable of int
+        failed : iterable of int
+            Nodes known dead (added to :attr:`failed`; neighbours unchanged).
+
+        Raises
+        ------
+        ValueError
+            If this node has stepped or received anything already, a vector has
+            the wrong length, or this node's own deltas are not a contiguous
+            prefix at the neighbour (a gap: its next sequence number is unknown).
+        """
+        n, me = self.n_nodes, self.node_id
+        if self.vv_total or self.deltas_sealed or self.applied_deltas.any() or self.finished:
+            raise ValueError(f"node {me} installs a state after it stepped or received deltas")
+        arrays = [np.asarray(a) for a in (vv, contiguous, applied, fin_deltas, fin_steps)]
+        if any(a.shape != (n,) for a in arrays):
+            raise ValueError(f"state vectors must have shape ({n},)")
+        vv, contiguous, applied, fin_deltas, fin_steps = arrays
+        if above.get(me) or applied[me] != contiguous[me]:
+            raise ValueError(
+                f"node {me}'s earlier deltas are not a contiguous prefix at the donor "
+                f"({int(applied[me])} held, {int(contiguous[me])} contiguous)"
+            )
+        self.vv[:] = vv
+        self.vv_total = int(self.vv.sum())
+        self._applied_below[:] = contiguous
+        self._applied_below[me] = 0
+        self._applied_above = {int(k): set(v) for k, v in above.items() if v and k != me}
+        self.applied_deltas[:] = applied
+        self.applied_deltas[me] = 0
+        self.deltas_sealed = int(contiguous[me])
+        # fins known here already (a dead node's, from the launcher) are kept
+        ours = self._fin_deltas >= 0
+        self._fin_deltas[:] = np.where(ours, self._fin_deltas, fin_deltas)
+        self._fin_steps[:] = np.where(ours, self._fin_steps, fin_steps)
+        self._fin_deltas[me] = self._fin_steps[me] = -1
+        self._fins_known = int(np.count_nonzero(self._fin_deltas >= 0))
+        for k in failed:
+            if k != me:
+                self.failed.add(int(k))
+
     def failed_fin(self, node: int, deltas: int, steps: int) -> None:
         """The ``fin`` of a dead node as the launcher derived it from the survivors' holdings.
 
@@ -510,6 +624,27 @@ class NodeProtocol:
             "fin_deltas": fin if fin >= 0 else None,
             "fin_steps": int(self._fin_steps[node]) if fin >= 0 else None,
         }
+
+    def known_fins(self, to: int) -> list[Outgoing]:
+        """Every ``fin`` this node knows but ``to``'s own, as relayed by this node, for ``to``.
+
+        Sent to a restarted neighbour once it has its state: a ``fin`` flooded
+        while it was down may have missed it (``fin`` messages are not stored).
+        """
+        out = []
+        for k in np.flatnonzero(self._fin_deltas >= 0):
+            if k != to:
+                header = Header(
+                    "fin",
+                    int(k),
+                    self.node_id,
+                    int(self._fin_deltas[k]),
+                    int(self._fin_steps[k]),
+                    _NO_VV,
+                    self.vv,
+                )
+                out.append(Outgoing(header, (to,)))
+        return out
 
     def contiguous_counts(self) -> np.ndarray:
         """Per origin, the number of its first deltas all applied here (own: all sealed)."""

@@ -43,8 +43,22 @@ failure, only to neighbours, never forwarded): ``origin`` is the dead node,
 ``base_vv`` the sender's per-origin contiguous delta counts (every seq below
 is held; its own entry: the deltas it sealed), ``seq`` 0 asks the neighbour to
 send the deltas it holds at or above those counts and to answer with its own
-``have``, ``seq`` 1 is that answer. Version vectors (ALGORITHMS.md §2)
-count local steps per origin.
+``have``, ``seq`` 1 is that answer; a ``have`` whose ``origin`` is its sender
+comes from a restarted node that has just installed its state (the neighbour
+sends it the deltas and ``fin`` messages it may lack, and expects no answer).
+Version vectors (ALGORITHMS.md §2) count local steps per origin.
+
+Restart with state transfer (``--on-node-failure restart``): a restarted node
+sends ``join`` to a live neighbour (``origin`` = ``sender`` = the restarted
+node, ``seq`` = how many of its own earlier deltas the survivors hold); that
+neighbour answers, once it holds them, with ``state``: its model as the array
+frame (without its own open window), ``sender_vv`` its version vector,
+``base_vv`` its per-origin contiguous delta counts, and one more header field,
+``extra``, a map: ``applied`` (deltas applied per origin, n uint32 bytes),
+``above`` (list of ``[origin, [seq, ...]]``: deltas applied beyond the
+contiguous counts), ``fin_deltas`` and ``fin_steps`` (the ``fin`` totals it
+knows per origin, n uint32 bytes, 2**32 - 1 where unknown) and ``failed``
+(list of node ids it knows dead).
 
 The parameter-server baselines (:mod:`dasgd.core.ps`) use three more kinds on the
 same frames: ``grad`` (worker -> server, a gradient with the model version it
@@ -68,16 +82,20 @@ import numpy as np
 from ..errors import WireError
 
 WIRE_VERSION = 1
-KINDS = ("delta", "fin", "complete", "have", "grad", "model", "stop")
+KINDS = ("delta", "fin", "complete", "have", "join", "state", "grad", "model", "stop")
 #: kinds whose second frame is an array
-ARRAY_KINDS = ("delta", "grad", "model")
-#: kinds that carry the sender's version vector (DASGD)
+ARRAY_KINDS = ("delta", "state", "grad", "model")
+#: kinds the DASGD protocol floods or exchanges with neighbours (:class:`NodeProtocol`)
 VV_KINDS = ("delta", "fin", "complete", "have")
+#: kinds that carry the sender's version vector
+SENDER_VV_KINDS = (*VV_KINDS, "state")
 #: kinds that carry a ``base_vv`` vector
-BASE_VV_KINDS = ("delta", "have")
+BASE_VV_KINDS = ("delta", "have", "state")
+
 _NO_VV = np.zeros(0, np.int64)
 #: largest sequence number or step count a header may carry (version vectors are uint32)
 MAX_COUNT = 2**32 - 1
+UNKNOWN_COUNT = MAX_COUNT
 DTYPES = ("float32", "float64")
 MAX_HEADER_BYTES = 1 << 24
 _VV_DTYPE = np.dtype("<u4")
@@ -86,6 +104,8 @@ __all__ = [
     "DTYPES",
     "ARRAY_KINDS",
     "KINDS",
+    "SENDER_VV_KINDS",
+    "UNKNOWN_COUNT",
     "VV_KINDS",
     "WIRE_VERSION",
     "Header",
@@ -115,6 +135,7 @@ class Header:
     sender_vv: np.ndarray
     dtype: str = ""
     shape: tuple[int, ...] = ()
+    extra: dict | None = None
 
     def replace_sender(self, sender: int, sender_vv: np.ndarray) -> Header:
         """The same message as relayed by ``sender``, whose vector is ``sender_vv``."""
@@ -128,6 +149,7 @@ class Header:
             sender_vv,
             self.dtype,
             self.shape,
+            self.extra,
         )
 
 
@@ -152,21 +174,53 @@ def vv_from_bytes(raw: bytes, n_nodes: int) -> np.ndarray:
 
 def encode_header(header: Header) -> bytes:
     """Serialize a header to the msgpack bytes of frame 0."""
-    return msgpack.packb(
-        {
-            "v": WIRE_VERSION,
-            "kind": header.kind,
-            "origin": header.origin,
-            "sender": header.sender,
-            "seq": header.seq,
-            "steps": header.steps,
-            "base_vv": vv_to_bytes(header.base_vv) if header.kind in BASE_VV_KINDS else b"",
-            "sender_vv": vv_to_bytes(header.sender_vv) if header.kind in VV_KINDS else b"",
-            "dtype": header.dtype,
-            "shape": list(header.shape),
-        },
-        use_bin_type=True,
-    )
+    body = {
+        "v": WIRE_VERSION,
+        "kind": header.kind,
+        "origin": header.origin,
+        "sender": header.sender,
+        "seq": header.seq,
+        "steps": header.steps,
+        "base_vv": vv_to_bytes(header.base_vv) if header.kind in BASE_VV_KINDS else b"",
+        "sender_vv": vv_to_bytes(header.sender_vv) if header.kind in SENDER_VV_KINDS else b"",
+        "dtype": header.dtype,
+        "shape": list(header.shape),
+    }
+    if header.kind == "state":
+        body["extra"] = header.extra
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def _state_extra(extra, n_nodes: int) -> dict:
+    """Validate a ``state`` message's ``extra`` map (see the module docstring)."""
+    if not isinstance(extra, dict):
+        raise WireError(f"state message's extra is {type(extra).__name__}, expected a map")
+    out = {}
+    for key in ("applied", "fin_deltas", "fin_steps"):
+        out[key] = vv_from_bytes(extra.get(key), n_nodes)
+    failed = extra.get("failed")
+    if not isinstance(failed, list) or not all(type(k) is int and 0 <= k < n_nodes for k in failed):
+        raise WireError(f"state message's failed list {failed!r} is not node ids")
+    out["failed"] = failed
+    above = extra.get("above")
+    if not isinstance(above, list):
+        raise WireError("state message's above is not a list")
+    parsed = {}
+    for entry in above:
+        if (
+            not isinstance(entry, list)
+            or len(entry) != 2
+            or type(entry[0]) is not int
+            or not 0 <= entry[0] < n_nodes
+            or not isinstance(entry[1], list)
+            or not all(type(q) is int and 0 <= q <= MAX_COUNT for q in entry[1])
+        ):
+            raise WireError(
+                f"state message's above entry {str(entry)[:80]} is not [origin, [seq, ...]]"
+            )
+        parsed[entry[0]] = entry[1]
+    out["above"] = parsed
+    return out
 
 
 def _int_field(body: dict, key: str, low: int, high: int | None = None) -> int:
@@ -214,7 +268,7 @@ def decode_header(raw: bytes, n_nodes: int) -> Header:
     # counts travel as uint32 in version vectors: larger values are never legitimate
     seq = _int_field(body, "seq", 0, MAX_COUNT)
     steps = _int_field(body, "steps", 1 if kind in ("delta", "grad") else 0, MAX_COUNT)
-    sender_vv = vv_from_bytes(body.get("sender_vv"), n_nodes) if kind in VV_KINDS else _NO_VV
+    sender_vv = vv_from_bytes(body.get("sender_vv"), n_nodes) if kind in SENDER_VV_KINDS else _NO_VV
     if kind == "have":
         if seq > 1:
             raise WireError(f"have with seq {seq}: 0 (a request) or 1 (an answer)")
@@ -222,14 +276,15 @@ def decode_header(raw: bytes, n_nodes: int) -> Header:
         return Header(kind, origin, sender, seq, steps, base_vv, sender_vv)
     if kind not in ARRAY_KINDS:
         return Header(kind, origin, sender, seq, steps, _NO_VV, sender_vv)
-    base_vv = vv_from_bytes(body.get("base_vv"), n_nodes) if kind == "delta" else _NO_VV
+    base_vv = vv_from_bytes(body.get("base_vv"), n_nodes) if kind in BASE_VV_KINDS else _NO_VV
+    extra = _state_extra(body.get("extra"), n_nodes) if kind == "state" else None
     dtype = body.get("dtype")
     if dtype not in DTYPES:
         raise WireError(f"dtype {dtype!r}, expected one of {', '.join(DTYPES)}")
     shape = body.get("shape")
     if not isinstance(shape, list) or len(shape) != 1 or type(shape[0]) is not int or shape[0] < 1:
         raise WireError(f"shape {shape!r}, expected [n_params] with n_params >= 1")
-    return Header(kind, origin, sender, seq, steps, base_vv, sender_vv, dtype, (shape[0],))
+    return Header(kind, origin, sender, seq, steps, base_vv, sender_vv, dtype, (shape[0],), extra)
 
 
 def decode(

@@ -28,10 +28,20 @@ kind          direction                  fields
 ``finished``  launcher -> node           ``node``: a DASGD node process that exited
                                          normally after a failure; its neighbours (a
                                          repair link's too) stop awaiting its ``complete``
+``alive``     node -> launcher           ``node``: a heartbeat, every :data:`HEARTBEAT_S`
+                                         seconds while it runs (``--heartbeat-timeout-s``)
+``rejoined``  launcher -> node           ``node`` (a restarted node), ``address`` (its new
+                                         inbox), ``neighbours`` (its neighbours now)
 ============  =========================  ==============================================
 
-A node's progress reports are dropped rather than block it; every other wait
-has a deadline. ``failed`` is sent only under ``--on-node-failure continue``,
+A restarted node's ``start`` has one more field, ``restart``: ``donor`` (the
+neighbour whose state it takes), ``deltas`` and ``steps`` (what the survivors
+hold of its earlier work), ``neighbours``, ``failed`` (nodes dead now),
+``fins`` (dead node id as str -> ``[deltas, steps]``, their derived ``fin``
+so far) and ``incarnation`` (1 for its first restart).
+
+A node's progress reports and heartbeats are dropped rather than block it; every other wait
+has a deadline. ``failed`` is sent only under ``--on-node-failure continue`` or ``restart``,
 to every surviving node of the run; a node reads its control socket at least
 every :data:`dasgd.runtime.node.CONTROL_POLL_S` seconds while it runs. A
 DASGD node answers ``failed`` with ``held`` (after handling every message
@@ -49,9 +59,23 @@ import zmq
 
 from ..errors import TransportError
 
-__all__ = ["KINDS", "pack", "recv", "send", "unpack"]
+__all__ = ["HEARTBEAT_S", "KINDS", "pack", "recv", "send", "unpack"]
 
-KINDS = ("ready", "start", "progress", "done", "error", "failed", "held", "fin_of", "finished")
+KINDS = (
+    "ready",
+    "start",
+    "progress",
+    "done",
+    "error",
+    "failed",
+    "held",
+    "fin_of",
+    "finished",
+    "alive",
+    "rejoined",
+)
+#: Seconds between a running node's ``alive`` heartbeats to its launcher.
+HEARTBEAT_S = 1.0
 
 
 def pack(message: dict) -> bytes:

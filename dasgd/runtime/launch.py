@@ -495,30 +495,34 @@ def _launch_local(config, run_dir, context, hosts: HostSpec, link, progress: boo
     # signal.signal works only in the main thread; elsewhere (a notebook's or an
     # application's worker thread) SIGTERM keeps its handler and the finally still reaps
     in_main_thread = threading.current_thread() is threading.main_thread()
+
+    def spawn(i: int, mode: str = "wb") -> subprocess.Popen:
+        err = (run_dir / f"{names[i]}.stderr").open(mode)  # a restarted node appends
+        stderr_files.append(err)
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "dasgd",
+                "node",
+                "--run-dir",
+                str(run_dir),
+                "--node-id",
+                str(i),
+                "--control",
+                control_address,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=err,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+
     previous_handler = signal.signal(signal.SIGTERM, on_sigterm) if in_main_thread else None
     try:
         for i in local:
-            err = (run_dir / f"{names[i]}.stderr").open("wb")
-            stderr_files.append(err)
-            procs[i] = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "dasgd",
-                    "node",
-                    "--run-dir",
-                    str(run_dir),
-                    "--node-id",
-                    str(i),
-                    "--control",
-                    control_address,
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=err,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-            )
+            procs[i] = spawn(i)
 
         def fail(i: int, what: str):
             who = "the parameter server" if names[i] == "server" else f"node {i}"
@@ -546,30 +550,127 @@ def _launch_local(config, run_dir, context, hosts: HostSpec, link, progress: boo
             )
 
         finished: set[int] = set()
+        restarts: list[dict] = []  # restarts.json: one record per restart
+        joining: dict[int, dict] = {}  # restarted node -> what its `start` needs, until ready
+        last_seen: dict[int, float] = {}  # node -> when it last sent anything (heartbeats)
+        hung: dict[int, float] = {}  # node -> seconds of silence when it was killed
+        quiet: set[int] = set()  # said done (or error): lingering or exiting, no more heartbeats
 
         def alive_nodes() -> list[int]:
-            return [j for j, p in procs.items() if j < n and j not in failures and p.poll() is None]
+            """Live DASGD nodes/workers that have a control identity (a restarted one: once ready)."""
+            return [
+                j
+                for j, p in procs.items()
+                if j < n and j not in failures and j not in joining and p.poll() is None
+            ]
+
+        def write_restarts() -> None:
+            (run_dir / "restarts.json").write_text(json.dumps(restarts, indent=2) + "\n")
+
+        def restart(dead: int, reports: list[dict], deltas: int) -> None:
+            """Start ``dead``'s process again; its ``start`` follows its ``ready``."""
+            record = failures.pop(dead)
+            write_failures()
+            incarnation = 1 + sum(r["node"] == dead for r in restarts)
+            steps = deltas * config.train.send_every  # every window of a live node is full
+            record.update(
+                incarnation=incarnation,
+                deltas_held=deltas,
+                steps_held=steps,
+                steps_lost=max(0, record["last_step"] - steps),
+            )
+            restarts.append(record)
+            write_restarts()
+            identities.pop(dead, None)
+            quiet.discard(dead)
+            best = max(reports, key=lambda r: r["contiguous"], default=None)
+            joining[dead] = {
+                "deltas": deltas,
+                "steps": steps,
+                "incarnation": incarnation,
+                "prefer": best["node"] if best is not None else None,
+                "deadline": time.monotonic() + tc.ready_timeout_s,
+            }
+            procs[dead] = spawn(dead, "ab")
+
+        def restartable(dead: int, reports: list[dict]) -> bool:
+            if config.on_node_failure != "restart" or config.algorithm != "dasgd":
+                return False
+            if any(r.get("fin_deltas") is not None for r in reports):
+                return False  # it had finished its steps: nothing to redo
+            done = sum(r["node"] == dead for r in restarts)
+            return done < config.max_restarts and bool(alive_nodes())
+
+        def rejoin(i: int) -> None:
+            """A restarted node is ready: link it up, tell the others, send its ``start``."""
+            entry = joining.pop(i)
+            alive = [j for j in alive_nodes() if j != i]
+            nbrs = sorted(set(original[i]) & set(alive)) or alive[:1]
+            overlay[i] = set(nbrs)
+            for u in nbrs:
+                overlay[u].add(i)
+            donor = entry["prefer"] if entry["prefer"] in nbrs else nbrs[0]
+            restarts[-1 - [r["node"] for r in reversed(restarts)].index(i)].update(
+                donor=donor, rejoined_t_s=round(time.time() - t0_unix_s, 3)
+            )
+            write_restarts()
+            with (run_dir / "topology-changes.jsonl").open("a") as f:
+                change = {
+                    "t_s": round(time.time() - t0_unix_s, 3),
+                    "rejoined_node": i,
+                    "added_edges": [sorted((i, u)) for u in nbrs],
+                }
+                f.write(json.dumps(change) + "\n")
+            notice = control_messages.pack(
+                {"kind": "rejoined", "node": i, "address": addresses[i], "neighbours": nbrs}
+            )
+            for j in alive:
+                control.send_multipart([identities[j], notice])
+            fins = {
+                str(k): [f["fin"]["deltas"], f["fin"]["steps"]]
+                for k, f in failures.items()
+                if "fin" in f
+            }
+            start_i = {
+                "kind": "start",
+                "addresses": {str(k): v for k, v in addresses.items()},
+                "t0_unix_s": t0_unix_s,
+                "restart": {
+                    "donor": donor,
+                    "deltas": entry["deltas"],
+                    "steps": entry["steps"],
+                    "neighbours": nbrs,
+                    "failed": sorted(failures),
+                    "fins": fins,
+                    "incarnation": entry["incarnation"],
+                },
+            }
+            control.send_multipart([identities[i], control_messages.pack(start_i)])
+            last_seen[i] = time.monotonic()
 
         def settle_fins() -> None:
             """Send ``fin_of`` for each dead node every survivor reported on (or at the deadline)."""
             for dead in list(awaiting_held):
                 entry = awaiting_held[dead]
-                alive = alive_nodes()
-                if not set(alive) <= set(entry["reports"]) and time.monotonic() < entry["deadline"]:
+                alive = set(alive_nodes()) & entry["asked"]
+                if not alive <= set(entry["reports"]) and time.monotonic() < entry["deadline"]:
                     continue
                 del awaiting_held[dead]
                 reports = list(entry["reports"].values())
                 deltas, steps = derive_fin(reports, config.train.send_every)
+                if restartable(dead, reports):
+                    restart(dead, reports, deltas)
+                    continue
                 failures[dead]["fin"] = {"deltas": deltas, "steps": steps, "reports": len(reports)}
                 write_failures()
                 notice = control_messages.pack(
                     {"kind": "fin_of", "node": dead, "deltas": deltas, "steps": steps}
                 )
-                for j in alive:
+                for j in alive_nodes():
                     control.send_multipart([identities[j], notice])
 
         def tolerated(i: int) -> bool:
-            if config.on_node_failure != "continue" or not started or link is not None:
+            if config.on_node_failure == "stop" or not started or link is not None:
                 return False
             return config.algorithm == "dasgd" or (config.algorithm == "ps-async" and i < n)
 
@@ -579,7 +680,12 @@ def _launch_local(config, run_dir, context, hosts: HostSpec, link, progress: boo
                 rc = proc.poll()
                 if rc is None:
                     running += 1
-                elif rc == 0 and failures and i not in finished and config.algorithm == "dasgd":
+                elif (
+                    rc == 0
+                    and (failures or restarts)
+                    and i not in finished
+                    and config.algorithm == "dasgd"
+                ):
                     # a node that is done needs nothing more: after a repair it may have left
                     # before its new neighbour heard its `complete`; nobody waits for it
                     finished.add(i)
@@ -588,9 +694,18 @@ def _launch_local(config, run_dir, context, hosts: HostSpec, link, progress: boo
                         if j != i and other.poll() is None and j in identities:
                             control.send_multipart([identities[j], notice])
                 elif rc != 0 and i not in failures:
+                    what = f"exited with code {rc}"
+                    if i in hung:
+                        what = (
+                            f"sent nothing for {hung[i]:.0f} s (hung or stopped; "
+                            f"--heartbeat-timeout-s {config.heartbeat_timeout_s:g}) and was killed"
+                        )
                     if not tolerated(i):
-                        raise fail(i, f"exited with code {rc}")
+                        raise fail(i, what)
+                    joining.pop(i, None)  # a restarted process that died before it was ready
                     failures[i] = _failure_record(config, run_dir, names[i], i, rc, t0_unix_s, meta)
+                    if i in hung:
+                        failures[i]["hung_s"] = round(hung.pop(i), 3)
                     t_s = failures[i]["detected_t_s"]
                     links = repair_links(overlay, i) if overlay else []
                     if config.algorithm == "dasgd":
@@ -611,13 +726,29 @@ def _launch_local(config, run_dir, context, hosts: HostSpec, link, progress: boo
                             "addresses": {str(u): addresses[u] for e in links for u in e},
                         }
                     )
+                    asked = set()
                     for j, other in procs.items():
                         if j != i and other.poll() is None and j in identities:
                             control.send_multipart([identities[j], notice])
+                            asked.add(j)
+                    if i in awaiting_held:
+                        awaiting_held[i]["asked"] = asked
                     write_failures()
                     if len(failures) == len([j for j in local if j < n]):
-                        raise fail(i, f"exited with code {rc}, the last node alive")
+                        raise fail(i, f"{what}, the last node alive")
             return running
+
+        def check_heartbeats() -> None:
+            """Kill a started node process that has been silent too long (then it fails as usual)."""
+            now = time.monotonic()
+            for i, proc in procs.items():
+                if i in failures or i in joining or i in quiet or proc.poll() is not None:
+                    continue
+                silent_s = now - last_seen.get(i, now)
+                if silent_s > config.heartbeat_timeout_s:
+                    hung[i] = silent_s
+                    proc.kill()
+                    proc.wait(TERMINATE_TIMEOUT_S)
 
         def pump(timeout_ms: int, on_message) -> None:
             if control.poll(timeout_ms):
@@ -630,6 +761,7 @@ def _launch_local(config, run_dir, context, hosts: HostSpec, link, progress: boo
                         continue
                     message = control_messages.unpack(raw)
                     if message is not None and isinstance(message.get("node"), int):
+                        last_seen[message["node"]] = time.monotonic()
                         if message.get("kind") == "error":
                             errors[message["node"]] = str(message.get("message"))
                         on_message(identity, message)
@@ -674,16 +806,32 @@ def _launch_local(config, run_dir, context, hosts: HostSpec, link, progress: boo
         )
         for i in local:
             control.send_multipart([identities[i], start])
+            last_seen[i] = time.monotonic()
         started = True
+        # the original topology (a restarted node links to its original neighbours still alive)
+        original = {k: set(v) for k, v in overlay.items()}
 
         def on_message(identity, message):
-            if message.get("kind") == "progress":
+            kind, i = message.get("kind"), message["node"]
+            if kind in ("done", "error"):
+                quiet.add(i)
+            elif kind == "progress":
                 bar.update(message)
-            elif message.get("kind") == "held" and message.get("failed") in awaiting_held:
-                awaiting_held[message["failed"]]["reports"][message["node"]] = message
+            elif kind == "held" and message.get("failed") in awaiting_held:
+                awaiting_held[message["failed"]]["reports"][i] = message
+            elif kind == "ready" and i in joining and procs[i].poll() is None:
+                identities[i] = identity
+                addresses[i] = message["address"]
+                rejoin(i)
 
         while check_children():
             pump(int(CHILD_POLL_S * 1000), on_message)
+            check_heartbeats()
+            for i, entry in list(joining.items()):
+                if time.monotonic() > entry["deadline"] and procs[i].poll() is None:
+                    errors[i] = f"not ready within {tc.ready_timeout_s:.0f} s of its restart"
+                    procs[i].kill()  # fails again: the next check counts it
+                    procs[i].wait(TERMINATE_TIMEOUT_S)
             if awaiting_held:
                 settle_fins()
             if link is not None:

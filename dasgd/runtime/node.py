@@ -32,7 +32,7 @@ from ..analysis.metrics import Evaluator, EventLog
 from ..build import build_machine, build_recorder, is_server
 from ..config import RunConfig, run_config_from_dict
 from ..core import wire
-from ..core.actions import CONTINUE, DONE, WAIT_BACKLOG, WAIT_DRAIN, WAIT_LEAD
+from ..core.actions import CONTINUE, DONE, WAIT_BACKLOG, WAIT_DRAIN, WAIT_LEAD, WAIT_STATE
 from ..core.node import DasgdNode
 from ..core.protocol import adjacency_sets
 from ..core.ps import PSServer
@@ -303,6 +303,7 @@ class Driver:
         if waited_s > tc.send_timeout_s:
             what = {
                 WAIT_LEAD: f"its neighbours to catch up (--max-lead-steps {self.config.train.max_lead_steps}); is one of them alive?",
+                WAIT_STATE: "a message while it waits for its neighbour's state (restart)",
             }.get(
                 why,
                 "a message: "
@@ -371,6 +372,27 @@ class Driver:
             return self.machine.protocol.held(node)
         return None
 
+    def node_rejoined(self, node: int, address: str, links=()) -> None:
+        """The launcher's ``rejoined``: dead ``node`` was restarted at ``address``.
+
+        ``links`` are the restarted node's neighbours; if this node is one of
+        them it connects to the new process and takes it back as a neighbour.
+        Logs a ``node_rejoined`` record. A PS machine ignores it.
+        """
+        machine = self.machine
+        if not isinstance(machine, DasgdNode) or node == machine.node_id:
+            return
+        link = machine.node_id in links
+        if node in self.failed_nodes:
+            self.failed_nodes.remove(node)
+        machine.node_rejoined(node, link=link)
+        if link:
+            self.transport.connect({node: address})
+        self._waited_for_link.discard(node)
+        self.log.log(
+            time.monotonic(), "node_rejoined", machine.progress_step, rejoined_node=node, link=link
+        )
+
     def neighbour_finished(self, node: int) -> None:
         """The launcher's ``finished``: ``node`` exited normally; stop awaiting and sending to it."""
         if isinstance(self.machine, DasgdNode) and node != self.machine.node_id:
@@ -423,7 +445,10 @@ class Driver:
         slowed = machine.slowdown.factor > 1 if hasattr(machine, "slowdown") else False
         now = time.monotonic()
         self._interval_t = now
-        self._evaluate(now, force=True)
+        joining = getattr(machine, "phase", None) == "joining"
+        join_deadline = now + tc.send_timeout_s
+        if not joining:  # a restarted node has no model of its own before the state
+            self._evaluate(now, force=True)
         mark = time.perf_counter()
         waiting_since = None  # when the current wait for a message began
         drain_since = None
@@ -449,6 +474,16 @@ class Driver:
             )
             for out in sends:
                 self._send(out)
+            if joining:
+                if machine.phase != "joining":
+                    joining = False
+                    self.log.log(now, "state_installed", machine.progress_step, **machine.restored)
+                    self._evaluate(now, force=True)
+                elif now > join_deadline:
+                    raise TransportError(
+                        f"node {machine.node_id}: no state from node {machine._donor} within "
+                        f"{tc.send_timeout_s:.0f} s (--send-timeout-s) of the restart"
+                    )
             if wait is CONTINUE:
                 self._receive_all()
                 waiting_since = None
@@ -585,6 +620,34 @@ def _build(config: RunConfig, node_id: int, run_dir: Path, meta: dict):
     return machine, neighbours, evaluator
 
 
+def _restart_setup(machine, restart: dict) -> list[int]:
+    """A restarted DASGD node's neighbours, dead nodes and their ``fin`` from the launcher's ``start``.
+
+    Returns
+    -------
+    list of int
+        The neighbours to connect to: the original ones still alive and any
+        repair links to this node.
+    """
+    if not isinstance(machine, DasgdNode):
+        raise TransportError("only DASGD nodes are restarted")
+    protocol = machine.protocol
+    now = [int(u) for u in restart["neighbours"]]
+    for dead in restart.get("failed", ()):
+        if int(dead) != machine.node_id:
+            protocol.node_failed(int(dead))
+    for u in list(protocol.neighbours):
+        if u not in now:
+            protocol.node_failed(u)
+    for u in now:
+        protocol.add_neighbour(u)
+    for dead, (deltas, steps) in restart.get("fins", {}).items():
+        protocol.failed_fin(int(dead), int(deltas), int(steps))
+    machine.neighbours = list(protocol.neighbours)
+    machine.alone = not machine.neighbours
+    return list(protocol.neighbours)
+
+
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
@@ -664,6 +727,9 @@ def node_main(run_dir: str, node_id: int, control_address: str) -> int:
         if start.get("kind") != "start":
             raise TransportError(f"expected start from the launcher, got {start.get('kind')!r}")
         addresses = {int(k): v for k, v in start["addresses"].items()}
+        restart = start.get("restart")
+        if restart is not None:  # a restarted node: today's neighbours, then a donor's state
+            neighbours = _restart_setup(machine, restart)
         transport.connect({u: addresses[u] for u in neighbours})
         name = process_name(config, node_id)
         # the run clock: seconds since the launcher said start, the same in every process
@@ -693,14 +759,23 @@ def node_main(run_dir: str, node_id: int, control_address: str) -> int:
                 n_params=machine.n_params,
                 address=address,
                 **machine.start_fields(),
+                **({"restart": restart} if restart is not None else {}),
             )
+            if restart is not None:
+                for out in machine.join(int(restart["donor"]), int(restart["deltas"])):
+                    driver._send(out)
 
             def progress(record):
                 if os.getppid() != parent_pid:
                     raise TransportError("the launcher is gone")
                 control.send(control_sock, {"kind": "progress", **record}, droppable=True)
 
+            heartbeat_t = [time.monotonic()]
+
             def read_control(wait_s: float = 0.0):
+                if time.monotonic() - heartbeat_t[0] >= control.HEARTBEAT_S:
+                    heartbeat_t[0] = time.monotonic()
+                    control.send(control_sock, {"kind": "alive", "node": node_id}, droppable=True)
                 timeout_ms = int(wait_s * 1000)
                 while control_sock.poll(timeout_ms):
                     timeout_ms = 0
@@ -727,6 +802,12 @@ def node_main(run_dir: str, node_id: int, control_address: str) -> int:
                         )
                     elif message.get("kind") == "finished":
                         driver.neighbour_finished(int(message["node"]))
+                    elif message.get("kind") == "rejoined":
+                        driver.node_rejoined(
+                            int(message["node"]),
+                            str(message["address"]),
+                            [int(u) for u in message.get("neighbours", ())],
+                        )
 
             driver.on_progress = progress
             driver.on_control = read_control

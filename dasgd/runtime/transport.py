@@ -200,8 +200,15 @@ class Transport:
         return self.address
 
     def connect(self, addresses: dict[int, str]) -> None:
-        """Open one PUSH socket per neighbour; ``addresses`` maps neighbour id -> inbox address."""
+        """Open one PUSH socket per neighbour; ``addresses`` maps neighbour id -> inbox address.
+
+        A neighbour dropped with :meth:`disconnect` (a restarted node) is connected anew.
+        """
         for node, address in addresses.items():
+            self._failed.discard(node)
+            old = self._out.pop(node, None)
+            if old is not None:
+                old.close(linger=0)
             sock = self._ctx.socket(zmq.PUSH)
             sock.setsockopt(zmq.LINGER, int(self.linger_s * 1000))
             sock.setsockopt(zmq.SNDHWM, self.hwm_msgs)
