@@ -1,0 +1,244 @@
+"""Restart with state transfer (``--on-node-failure restart``) and hung-node detection (issue 10)."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import numpy as np
+import pytest
+
+from dasgd.analysis.metrics import read_events
+from dasgd.core import wire
+from dasgd.errors import WireError
+
+from .conftest import wait_for
+from .test_faults import delta_of, finish, kill_when_stepping, small_node, start_command
+
+
+def roundtrip(out, n):
+    """An Outgoing as the receiver decodes it (header through msgpack, payload copied)."""
+    header = wire.decode_header(wire.encode_header(out.header), n)
+    payload = None if out.payload is None else np.array(out.payload)
+    return header, payload
+
+
+def test_state_transfer_gives_the_donor_model_less_its_open_window():
+    n = 4
+    donor, joiner = small_node(0, [1, 2, 3], n, 1 << 20), small_node(1, [0, 3], n, 1 << 20)
+    d = donor.n_params
+    # the donor holds node 1's deltas 0..1, node 2's deltas 0 and (out of order) 2, node 3's fin
+    for origin, seq, value in ((1, 0, 1.0), (1, 1, 2.0), (2, 0, 3.0), (2, 2, 4.0)):
+        donor.on_message(*delta_of(origin, seq, n, d, value))
+    fin = wire.Header("fin", 3, 2, 0, 0, np.zeros(0, np.int64), np.zeros(n, np.int64))
+    donor.on_message(fin, None)
+    donor.total_steps = 100
+    for t in range(3):  # b = 1 in small_node: each step seals; then open a window by hand
+        donor.advance(float(t))
+    donor.protocol.send_every = 4  # the next steps stay in the open window
+    donor.advance(3.0)
+    assert donor.protocol.window_steps == 1
+    sealed = donor.protocol.deltas_sealed
+
+    joiner.protocol.add_neighbour(2)  # repair link beside its original neighbours
+    (join,) = joiner.join(0, 2)
+    assert join.to == (0,) and join.header.kind == "join" and join.header.seq == 2
+    # a delta that arrives before the state is held back, then handled
+    early, early_payload = delta_of(2, 3, n, d, 5.0)
+    early = early.replace_sender(3, np.zeros(n, np.int64))
+    assert joiner.on_message(early, early_payload) == ()
+    sends, wait = joiner.advance(0.0)
+    assert wait == "state" and sends == ()
+
+    (state,) = donor.on_message(*roundtrip(join, n))
+    assert state.header.kind == "state" and state.to == (1,)
+    header, payload = roundtrip(state, n)
+    out = joiner.on_message(header, payload)
+    np.testing.assert_allclose(joiner.params, donor.params - donor.open_delta + early_payload)
+    expected_vv = donor.protocol.vv.copy()
+    expected_vv[0] -= 1  # the open window's step travels later, in its sealed delta
+    expected_vv[2] += 1  # the delta held back, handled after the state
+    assert joiner.protocol.vv.tolist() == expected_vv.tolist()
+    assert joiner.step == 2 and joiner.protocol.deltas_sealed == 2  # continues its own stream
+    assert joiner.protocol.applied_deltas.tolist() == [sealed, 0, 3, 0]
+    assert joiner.protocol._fin_deltas[3] == 0  # the fin the donor knew
+    assert joiner.protocol.is_new_delta(delta_of(2, 1, n, d, 0.0)[0])  # the gap stays open
+    assert not joiner.protocol.is_new_delta(delta_of(2, 2, n, d, 0.0)[0])
+    assert joiner.restored == {"donor": 0, "deltas": 2, "steps": 2}
+    kinds = sorted((o.header.kind, o.to) for o in out)
+    assert ("have", (0,)) in kinds and ("have", (2,)) in kinds and ("have", (3,)) in kinds
+    # the joiner's have makes the donor push stored deltas it lacks and the fins it knows
+    have = next(o for o in out if o.to == (0,) and o.header.kind == "have")
+    pushed = donor.on_message(*roundtrip(have, n))
+    assert ("fin", 3) in [(o.header.kind, o.header.origin) for o in pushed]
+    assert all(o.to == (1,) for o in pushed)
+    # its next delta continues its sequence
+    joiner.total_steps = 10
+    sends, _ = joiner.advance(10.0)
+    assert [(o.header.kind, o.header.seq) for o in sends] == [("delta", 2)]
+
+
+def test_the_donor_answers_only_once_it_holds_the_joiners_earlier_deltas():
+    n = 3
+    donor, joiner = small_node(0, [1, 2], n, 1 << 20), small_node(1, [0, 2], n, 1 << 20)
+    d = donor.n_params
+    donor.on_message(*delta_of(1, 0, n, d, 1.0))
+    (join,) = joiner.join(0, 2)
+    assert not donor.on_message(*roundtrip(join, n))  # holds 1 of the 2
+    relayed, payload = delta_of(1, 1, n, d, 2.0)
+    relayed = relayed.replace_sender(2, np.zeros(n, np.int64))
+    out = donor.on_message(relayed, payload)
+    assert [o.header.kind for o in out] == ["state"]
+    header, payload = roundtrip(out[0], n)
+    joiner.on_message(header, payload)
+    assert joiner.protocol.deltas_sealed == 2 and joiner.step == 2
+
+
+def test_a_join_from_a_stranger_and_a_malformed_state_are_refused():
+    n = 3
+    donor = small_node(0, [1], n, 0)
+    stranger = wire.Header("join", 2, 2, 0, 0, np.zeros(0, np.int64), np.zeros(0, np.int64))
+    with pytest.raises(WireError, match="not a neighbour"):
+        donor.on_message(stranger, None)
+    joiner = small_node(1, [0], n, 0)
+    (join,) = joiner.join(0, 0)
+    (state,) = donor.on_message(*roundtrip(join, n))
+    raw = wire.encode_header(state.header)
+    import msgpack
+
+    body = msgpack.unpackb(raw)
+    for bad in ({"applied": b"x"}, {"above": [[9, [1]]]}, {"failed": [7]}, {"above": "x"}):
+        broken = dict(body, extra=dict(body["extra"], **bad))
+        with pytest.raises(WireError):
+            wire.decode_header(msgpack.packb(broken, use_bin_type=True), n)
+    with pytest.raises(WireError, match="did not ask"):
+        donor.on_message(*roundtrip(state, n))
+
+
+# -- real processes ------------------------------------------------------------------------
+
+mp = pytest.mark.multiprocess
+
+
+def summary_of(tmp_path):
+    return json.loads((tmp_path / "runs" / "r" / "summary.json").read_text())
+
+
+def check_all_equal(tmp_path, n, restarted):
+    summary = summary_of(tmp_path)
+    checks = summary["checks"]
+    assert summary["run"]["failed_nodes"] == []
+    assert summary["run"]["restarted_nodes"] == restarted
+    assert checks["exactly_once"] and checks["all_drained"], checks
+    assert checks["consensus_distance_rel"] <= 1e-6
+    assert checks["oracle_distance_rel"] is None  # the first process's delta sum died with it
+    run_dir = tmp_path / "runs" / "r"
+    models = [np.load(run_dir / f"node-{i}.npy") for i in range(n)]
+    for m in models:
+        assert np.linalg.norm(m - models[0]) <= 1e-6 * np.linalg.norm(models[0])
+    return summary
+
+
+@mp
+def test_a_killed_node_is_restarted_and_ends_equal_to_the_others(tmp_path):
+    proc = start_command(
+        tmp_path,
+        "-n",
+        "5",
+        "--topology",
+        "ring",
+        "--steps",
+        "400",
+        "--compute-time",
+        "0.02",
+        "--on-node-failure",
+        "restart",
+    )
+    kill_when_stepping(tmp_path, proc, 2, 5)
+    out, err = finish(proc)
+    assert proc.returncode == 0, err
+    summary = check_all_equal(tmp_path, 5, [2])
+    (record,) = summary["run"]["restarts"]
+    assert record["node"] == 2 and record["exit_code"] == -9 and record["incarnation"] == 1
+    assert record["donor"] in (1, 3) and record["steps_held"] > 0
+    assert summary["nodes"][2]["steps"] == 400  # its remaining steps, not all 400 again
+    run_dir = tmp_path / "runs" / "r"
+    (installed,) = read_events(run_dir / "node-2.jsonl", "state_installed")
+    assert installed["steps"] == record["steps_held"] and installed["donor"] == record["donor"]
+    changes = [json.loads(c) for c in (run_dir / "topology-changes.jsonl").read_text().splitlines()]
+    assert changes[-1]["rejoined_node"] == 2
+    assert "2r restarted (restart 1)" in out
+
+
+@mp
+def test_a_node_restarted_twice_then_dropped_after_max_restarts(tmp_path):
+    proc = start_command(
+        tmp_path,
+        "-n",
+        "4",
+        "--topology",
+        "ring",
+        "--steps",
+        "600",
+        "--compute-time",
+        "0.02",
+        "--on-node-failure",
+        "restart",
+        "--max-restarts",
+        "1",
+    )
+    log = tmp_path / "runs" / "r" / "node-1.jsonl"
+    kill_when_stepping(tmp_path, proc, 1, 4)
+    wait_for(lambda: read_events(log, "state_installed"), 90, "node 1's restart")
+    steps = read_events(log, "state_installed")[0]["step"]
+    kill_when_stepping(tmp_path, proc, 1, 4, step=steps + 20)
+    out, err = finish(proc)
+    assert proc.returncode == 0, err
+    summary = summary_of(tmp_path)
+    assert summary["run"]["failed_nodes"] == [1]  # the second death: as continue
+    assert [r["node"] for r in summary["run"]["restarts"]] == [1]
+    assert summary["checks"]["exactly_once"] and summary["checks"]["consensus_distance_rel"] <= 1e-6
+
+
+@mp
+@pytest.mark.parametrize("policy", ["restart", "stop"])
+def test_a_hung_node_is_detected_by_its_missing_heartbeats(tmp_path, policy):
+    import psutil
+
+    proc = start_command(
+        tmp_path,
+        "-n",
+        "4",
+        "--topology",
+        "ring",
+        "--steps",
+        "400",
+        "--compute-time",
+        "0.02",
+        "--on-node-failure",
+        policy,
+        "--heartbeat-timeout-s",
+        "2",
+    )
+    log = tmp_path / "runs" / "r" / "node-3.jsonl"
+
+    def node3():
+        for kid in psutil.Process(proc.pid).children():
+            cmd = kid.cmdline()
+            if "--node-id" in cmd and cmd[cmd.index("--node-id") + 1] == "3":
+                return kid
+        return None
+
+    victim = wait_for(node3, 60, "node 3's process")
+    wait_for(lambda: log.exists() and read_events(log, "interval"), 60, "node 3 to step")
+    victim.send_signal(signal.SIGSTOP)
+    out, err = finish(proc)
+    if policy == "stop":
+        assert proc.returncode == 1
+        assert "node 3 sent nothing for" in err and "--heartbeat-timeout-s 2" in err
+        return
+    assert proc.returncode == 0, err
+    summary = check_all_equal(tmp_path, 4, [3])
+    (record,) = summary["run"]["restarts"]
+    assert record["hung_s"] >= 2
+    assert "without a heartbeat" in out
