@@ -94,6 +94,14 @@ def test_the_donor_answers_only_once_it_holds_the_joiners_earlier_deltas():
     assert joiner.protocol.deltas_sealed == 2 and joiner.step == 2
 
 
+def test_a_joiner_whose_donor_dies_asks_another_neighbour():
+    joiner = small_node(1, [0, 2], 3, 1 << 20)
+    joiner.join(0, 0)
+    (again,) = joiner.node_failed(0)
+    assert (again.header.kind, again.to) == ("join", (2,))
+    assert joiner.node_failed(2) == []  # no neighbour left to ask: the deadline ends it
+
+
 def test_a_join_from_a_stranger_and_a_malformed_state_are_refused():
     n = 3
     donor = small_node(0, [1], n, 0)

@@ -218,6 +218,7 @@ class DasgdNode:
         # first), and, while this node itself joins, the donor and what arrived meanwhile
         self._joins: dict[int, int] = {}
         self._donor: int | None = None
+        self._join_deltas = 0
         self._held_back: list[tuple] = []
         self.restored: dict | None = None
 
@@ -345,6 +346,7 @@ class DasgdNode:
             raise ValueError(f"node {self.node_id}: donor {donor} is not a neighbour")
         self.phase = "joining"
         self._donor = donor
+        self._join_deltas = int(deltas)
         me = self.node_id
         header = wire.Header("join", me, me, int(deltas), 0, _NO_VV, _NO_VV)
         return [Outgoing(header, (donor,))]
@@ -467,6 +469,12 @@ class DasgdNode:
         for u in links:
             protocol.add_neighbour(u)
         self.neighbours = list(protocol.neighbours)
+        self._joins.pop(node, None)
+        if self.phase == "joining":  # no state yet: nothing to repair; a dead donor is replaced
+            if node == self._donor and protocol.neighbours:
+                self.phase = "ready"
+                return self.join(protocol.neighbours[0], self._join_deltas)
+            return []
         out = []
         for u in protocol.neighbours:
             if (node, u) not in self._have_sent:
