@@ -64,7 +64,13 @@ def test_state_transfer_gives_the_donor_model_less_its_open_window():
     assert joiner.protocol._fin_deltas[3] == 0  # the fin the donor knew
     assert joiner.protocol.is_new_delta(delta_of(2, 1, n, d, 0.0)[0])  # the gap stays open
     assert not joiner.protocol.is_new_delta(delta_of(2, 2, n, d, 0.0)[0])
-    assert joiner.restored == {"donor": 0, "deltas": 2, "steps": 2}
+    assert {k: joiner.restored[k] for k in ("donor", "deltas", "steps")} == {
+        "donor": 0,
+        "deltas": 2,
+        "steps": 2,
+    }
+    # the state as installed, before the held-back delta
+    assert joiner.restored["version_vector"] == (expected_vv - [0, 0, 1, 0]).tolist()
     kinds = sorted((o.header.kind, o.to) for o in out)
     assert ("have", (0,)) in kinds and ("have", (2,)) in kinds and ("have", (3,)) in kinds
     # the joiner's have makes the donor push stored deltas it lacks and the fins it knows
@@ -176,6 +182,10 @@ def test_a_killed_node_is_restarted_and_ends_equal_to_the_others(tmp_path):
     changes = [json.loads(c) for c in (run_dir / "topology-changes.jsonl").read_text().splitlines()]
     assert changes[-1]["rejoined_node"] == 2
     assert "2r restarted (restart 1)" in out
+    # the analysis rebuilds the restarted node's history: no gradient in a model before it finished
+    analysis = json.loads((run_dir / "analysis.json").read_text())
+    assert analysis["staleness"]["virtual"]["negative_count"] == 0
+    assert analysis["staleness"]["pairwise"]["max_steps"] < 400 * 5
 
 
 @mp
@@ -250,3 +260,27 @@ def test_a_hung_node_is_detected_by_its_missing_heartbeats(tmp_path, policy):
     (record,) = summary["run"]["restarts"]
     assert record["hung_s"] >= 2
     assert "without a heartbeat" in out
+
+
+def test_the_analysis_drops_lost_gradients_and_imputes_unlogged_ones():
+    from dasgd.analysis.events import GRADIENT_DTYPE
+    from dasgd.analysis.staleness import settle_dead_gradients, version_vectors
+
+    # node 0 logged steps 1..3, died at t = 1.0 with 5 steps out (4, 5 unlogged) and step 6
+    # never sent; restarted at 2.0 from a state holding 5 of its steps, then logged 6, 7
+    rows = [(0, k, 0.1 * k, 0.1 * k, k - 1, -1) for k in (1, 2, 3)]
+    rows += [(0, 6, 0.95, 0.96, 5, -1)]  # logged, then lost with the process
+    rows += [(0, 6, 2.1, 2.2, 9, -1), (0, 7, 2.2, 2.3, 10, -1), (1, 1, 0.5, 0.5, 0, -1)]
+    gradients = np.array(rows, dtype=GRADIENT_DTYPE)
+    dead = [{"node": 0, "t_s": 1.0, "steps": 5, "resumed_t_s": 2.0, "version_vector": [5, 4]}]
+    out, dropped, imputed = settle_dead_gradients(gradients, dead)
+    assert (dropped, imputed) == (1, 2)
+    mine = out[out["node"] == 0]
+    assert mine["step"].tolist() == [1, 2, 3, 4, 5, 6, 7]
+    assert (mine["model_gradients"][3:5] == -1).all()
+    assert 0.3 < mine["t_end_s"][3] < mine["t_end_s"][4] < 1.0
+    applies = np.zeros(
+        0, dtype=[("node", "<i4"), ("origin", "<i4"), ("steps", "<i4"), ("t_s", "<f8")]
+    )
+    V = version_vectors(out, applies, [0], 2, np.array([0.5, 1.5, 2.5]), {0: [(2.0, [5, 4])]})
+    assert V[:, 0, :].tolist() == [[3, 0], [5, 0], [7, 4]]  # own steps; the state's vector after

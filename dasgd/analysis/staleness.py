@@ -87,8 +87,104 @@ def virtual_staleness(gradients: np.ndarray) -> np.ndarray:
     return rank - gradients["model_gradients"]
 
 
+def dead_processes(run_dir) -> list[dict]:
+    """Every node process that died mid-run, in order: node, death time and the steps that left it.
+
+    From ``restarts.json`` (``steps_held``) and ``failures.json`` (the derived
+    ``fin``'s steps); a restarted node's ``state_installed`` records give the
+    version vector it resumed with (``resumed_t_s``, ``version_vector``).
+
+    Returns
+    -------
+    list of dict
+        ``node``, ``t_s`` (when the launcher saw it dead), ``steps`` (its
+        steps in the survivors' models: every later gradient of that process
+        was lost), ``resumed_t_s`` and ``version_vector`` (restarts, when logged).
+    """
+    from .metrics import read_events, read_failures, read_restarts
+
+    run_dir = Path(run_dir)
+    out = []
+    installed: dict[int, list] = {}
+    for r in read_restarts(run_dir):
+        node = int(r["node"])
+        if node not in installed:
+            log = run_dir / f"node-{node}.jsonl"
+            installed[node] = read_events(log, "state_installed") if log.exists() else []
+        k = sum(d["node"] == node for d in out)
+        resumed = installed[node][k] if k < len(installed[node]) else {}
+        out.append(
+            {
+                "node": node,
+                "t_s": float(r["detected_t_s"]),
+                "steps": int(r["steps_held"]),
+                "resumed_t_s": resumed.get("t_s"),
+                "version_vector": resumed.get("version_vector"),
+            }
+        )
+    for node, f in read_failures(run_dir).items():
+        fin = f.get("fin")
+        if fin is not None:
+            out.append(
+                {"node": int(node), "t_s": float(f["detected_t_s"]), "steps": int(fin["steps"])}
+            )
+    return sorted(out, key=lambda d: d["t_s"])
+
+
+def settle_dead_gradients(gradients: np.ndarray, dead: list[dict]) -> tuple[np.ndarray, int, int]:
+    """The gradient events as the models saw them, around node processes that died.
+
+    A dead process's gradients beyond the steps that left it were never in any
+    model: they are dropped. Its last gradients that did leave but whose
+    events were still buffered when it died (up to one log interval) are
+    imputed, evenly spaced between its last recorded gradient and its death,
+    with ``model_gradients`` -1 (no S2 of their own; they count in the ranks).
+
+    Parameters
+    ----------
+    gradients : structured ndarray of GRADIENT_DTYPE, shape (G,)
+    dead : list of dict
+        :func:`dead_processes`.
+
+    Returns
+    -------
+    gradients : structured ndarray, sorted by node and finish time
+    dropped, imputed : int
+    """
+    if not dead:
+        return gradients, 0, 0
+    keep = np.ones(len(gradients), dtype=bool)
+    extra = []
+    since: dict[int, float] = {}
+    kept_steps: dict[int, int] = {}
+    for d in dead:
+        i, t_s, steps = d["node"], d["t_s"], d["steps"]
+        window = (gradients["node"] == i) & (gradients["t_end_s"] <= t_s)
+        window &= gradients["t_end_s"] > since.get(i, -np.inf)
+        keep &= ~(window & (gradients["step"] > steps))
+        have = set(gradients["step"][window & keep].tolist())
+        missing = [k for k in range(kept_steps.get(i, 0) + 1, steps + 1) if k not in have]
+        if missing:
+            mine = gradients["t_end_s"][window & keep]
+            start = float(mine.max()) if mine.size else since.get(i, 0.0)
+            start = max(start, 0.0)
+            times = np.linspace(start, t_s, len(missing) + 2)[1:-1]
+            for k, t in zip(missing, times, strict=True):
+                extra.append((i, k, np.nan, t, -1, -1))
+        since[i] = d.get("resumed_t_s") or t_s
+        kept_steps[i] = steps
+    out = np.concatenate([gradients[keep], np.array(extra, dtype=gradients.dtype)])
+    out = out[np.lexsort((out["t_end_s"], out["node"]))]
+    return out, int((~keep).sum()), len(extra)
+
+
 def version_vectors(
-    gradients: np.ndarray, applies: np.ndarray, nodes, n_nodes: int, times_s: np.ndarray
+    gradients: np.ndarray,
+    applies: np.ndarray,
+    nodes,
+    n_nodes: int,
+    times_s: np.ndarray,
+    resets=None,
 ) -> np.ndarray:
     """The version vectors of ``nodes`` at each of ``times_s``, rebuilt from the events.
 
@@ -99,6 +195,10 @@ def version_vectors(
     nodes : sequence of int, length m
     n_nodes : int
     times_s : ndarray of shape (K,), sorted, run-clock seconds
+    resets : mapping of int to list of (float, array-like), optional
+        Per node, restarts: at run-clock time t its model became the donor's
+        with version vector vv (``--on-node-failure restart``); its applies
+        before t no longer count.
 
     Returns
     -------
@@ -116,6 +216,14 @@ def version_vectors(
         counts = np.zeros((K, n_nodes), dtype=np.int64)
         np.add.at(counts, (bucket[keep], mine["origin"][keep]), mine["steps"][keep])
         V[:, a, :] = np.cumsum(counts, axis=0)
+        for t_s, vv in (resets or {}).get(int(i), ()):
+            # from the restart on: the state it took, plus what it applied after
+            at = int(np.searchsorted(times_s, t_s, side="left"))
+            if at < K:
+                before = mine["t_s"] < t_s
+                dropped = np.zeros(n_nodes, dtype=np.int64)
+                np.add.at(dropped, mine["origin"][before], mine["steps"][before])
+                V[at:, a, :] += np.asarray(vv, dtype=np.int64) - dropped
         V[:, a, i] = np.searchsorted(own, times_s, side="right")
     return V
 
@@ -369,12 +477,27 @@ def analyze_run(
             )
             if not recorded and why:
                 notes.append(why)
+    dead = [] if ps else dead_processes(run_dir)
+    gradients, dropped, imputed = settle_dead_gradients(gradients, dead)
+    if dropped or imputed:
+        notes.append(
+            f"node processes died: {dropped} of their gradients never left them (dropped), the "
+            f"events of {imputed} that did were lost with them (imputed for the S2 ranks, "
+            "evenly spaced before the death; no S2 of their own)"
+        )
+    resets = {}
+    for d in dead:
+        if d.get("version_vector") is not None and d.get("resumed_t_s") is not None:
+            resets.setdefault(d["node"], []).append((d["resumed_t_s"], d["version_vector"]))
     t_end_s = float(gradients["t_end_s"].max()) if gradients.size else 0.0
     staleness = {"apply": None, "virtual": None, "tau": None, "pairwise": None}
     if gradients.size:
         s2 = virtual_staleness(gradients)
-        staleness["virtual"] = _measure(s2, gradients["t_end_s"], gradients["node"], t_end_s)
-        staleness["virtual"]["negative_count"] = int((s2 < 0).sum())
+        own = gradients["model_gradients"] >= 0  # imputed rows rank others only
+        staleness["virtual"] = _measure(
+            s2[own], gradients["t_end_s"][own], gradients["node"][own], t_end_s
+        )
+        staleness["virtual"]["negative_count"] = int((s2[own] < 0).sum())
         if ps:
             tau = gradients["tau_steps"]
             staleness["tau"] = _measure(tau, gradients["t_end_s"], gradients["node"], t_end_s)
@@ -394,7 +517,9 @@ def analyze_run(
             for k, avg, mx, c in _grouped(applies["origin"].astype(np.int64), s1)
         ]
         staleness["apply"] = block
-        staleness["pairwise"] = _pairwise(gradients, applies, n, t_end_s, config.train.seed)
+        staleness["pairwise"] = _pairwise(
+            gradients, applies, n, t_end_s, config.train.seed, resets, dead
+        )
     nodes = []
     for name in names if ps else [f"node-{i}" for i in range(n)]:
         series = _eval_series(run_dir, name)
@@ -430,7 +555,9 @@ def analyze_run(
     }
 
 
-def _pairwise(gradients, applies, n: int, t_end_s: float, seed: int) -> dict | None:
+def _pairwise(
+    gradients, applies, n: int, t_end_s: float, seed: int, resets=None, dead=None
+) -> dict | None:
     if n < 2 or not t_end_s > 0:
         return None
     nodes = np.arange(n)
@@ -438,33 +565,48 @@ def _pairwise(gradients, applies, n: int, t_end_s: float, seed: int) -> dict | N
         rng = np.random.default_rng([seed, 0x5033])
         nodes = np.sort(rng.choice(n, PAIRWISE_MAX_NODES, replace=False))
     times_s = np.linspace(0.0, t_end_s, TIME_SAMPLES + 1)[1:]
-    V = version_vectors(gradients, applies, nodes, n, times_s)
+    V = version_vectors(gradients, applies, nodes, n, times_s, resets)
     strict, loose = pairwise_staleness(V)
     m = len(nodes)
-    behind = strict.reshape(len(times_s), m, m - 1)  # [t, i, .]: what i's model lacks of others'
+    # a pair counts only while both processes live (a dead node's frozen vector is no model)
+    alive = np.ones((len(times_s), m), dtype=bool)
+    for d in dead or ():
+        a = int(np.searchsorted(nodes, d["node"]))
+        if a < m and nodes[a] == d["node"]:
+            end = d["resumed_t_s"] if d.get("resumed_t_s") is not None else np.inf
+            alive[(times_s >= d["t_s"]) & (times_s < end), a] = False
+    pair = (alive[:, :, None] & alive[:, None, :])[:, ~np.eye(m, dtype=bool)]  # like strict
+    if not pair.any():
+        return None
+    behind = np.where(pair, strict, -1).reshape(len(times_s), m, m - 1)
+
+    def per_time(values, f, cast):
+        out = f(np.ma.masked_array(values, ~pair), axis=1)
+        return [None if v is np.ma.masked else cast(v) for v in out]
+
+    per_node = []
+    for a, i in enumerate(nodes):
+        rows = behind[:, a][behind[:, a] >= 0]
+        if rows.size:
+            per_node.append(
+                {"node": int(i), "avg_steps": float(rows.mean()), "max_steps": int(rows.max())}
+            )
     return {
-        "avg_steps": float(strict.mean()),
-        "max_steps": int(strict.max()),
-        "loose_avg_steps": float(loose.mean()),
-        "loose_max_steps": int(loose.max()),
+        "avg_steps": float(strict[pair].mean()),
+        "max_steps": int(strict[pair].max()),
+        "loose_avg_steps": float(loose[pair].mean()),
+        "loose_max_steps": int(loose[pair].max()),
         "sampled_nodes": int(len(nodes)),
         "sampled_times": int(len(times_s)),
         "over_time": {
             "t_s": [float(t) for t in times_s],
-            "avg_steps": [float(v) for v in strict.mean(axis=1)],
-            "max_steps": [int(v) for v in strict.max(axis=1)],
-            "loose_avg_steps": [float(v) for v in loose.mean(axis=1)],
-            "loose_max_steps": [int(v) for v in loose.max(axis=1)],
+            "avg_steps": per_time(strict, np.ma.mean, float),
+            "max_steps": per_time(strict, np.ma.max, int),
+            "loose_avg_steps": per_time(loose, np.ma.mean, float),
+            "loose_max_steps": per_time(loose, np.ma.max, int),
         },
-        "histogram": _histogram(strict.ravel()),
-        "per_node": [
-            {
-                "node": int(i),
-                "avg_steps": float(behind[:, a].mean()),
-                "max_steps": int(behind[:, a].max()),
-            }
-            for a, i in enumerate(nodes)
-        ],
+        "histogram": _histogram(strict[pair]),
+        "per_node": per_node,
     }
 
 

@@ -47,7 +47,7 @@ from ..errors import Diverged, WireError
 from . import wire
 from .actions import CONTINUE, DONE, WAIT_BACKLOG, WAIT_DRAIN, WAIT_LEAD, WAIT_STATE
 from .emulation import ComputeTime, Slowdown
-from .protocol import NodeProtocol, Outgoing
+from .protocol import PER_ORIGIN_DETAIL_MAX, NodeProtocol, Outgoing
 
 __all__ = ["DasgdNode"]
 
@@ -430,6 +430,8 @@ class DasgdNode:
             "deltas": int(protocol.deltas_sealed),
             "steps": self.step,
         }
+        if self.n_nodes <= PER_ORIGIN_DETAIL_MAX:  # the analysis rebuilds its version vector
+            self.restored["version_vector"] = protocol.vv.tolist()
         self.phase = "ready"
         self._donor = None
         me = self.node_id
@@ -650,8 +652,8 @@ class DasgdNode:
         update = self._update
         self.params += update
         self._update = None
-        if self.events is not None:  # steps are sequential: this is gradient number `computed`
-            self.events.gradient(self.gradients_computed, self._read_t, now, self._read_gradients)
+        if self.events is not None:  # steps are sequential: this gradient is step `step + 1`
+            self.events.gradient(self.step + 1, self._read_t, now, self._read_gradients)
         if self.alone:  # plain SGD: no delta to keep (delta_sum is params - x0 at the end)
             self.protocol.local_step()
             return _NOTHING
