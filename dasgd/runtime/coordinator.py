@@ -1,0 +1,321 @@
+"""What a run does about dead node processes: one decision maker, carried out by the launchers.
+
+:class:`FailureCoordinator` holds the run-wide view under ``--on-node-failure
+continue`` or ``restart``: the overlay and its repairs, which nodes are dead,
+restarting or gone, what the survivors hold of each dead node (``held``
+reports), the dead nodes' derived ``fin`` and the restarts. It does no I/O
+except writing ``failures.json``, ``restarts.json`` and
+``topology-changes.jsonl`` in its run directory. Its methods take what a
+launcher saw (a node process died, a survivor reported, a restarted process is
+ready, a node left normally, a host went silent) and return **actions**, dicts
+with a ``do`` key that every launcher carries out for the nodes it runs:
+
+=========  =========================================================================
+``do``     meaning
+=========  =========================================================================
+``notify``  send control ``message`` to each node of ``to`` that this host runs
+``spawn``   start node ``node``'s process again (its host only)
+``send``    send control ``message`` to node ``node`` (its host only)
+``kill``    kill node ``node``'s process (its host only), ``why`` for its record
+=========  =========================================================================
+
+On one machine the launcher calls it directly; over several hosts it lives in
+host 0's rendezvous thread (:mod:`dasgd.runtime.rendezvous`), every launcher
+sends it what it sees, and it broadcasts the actions to every host.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from ..core.failures import derive_fin, repair_links
+
+__all__ = ["FailureCoordinator"]
+
+
+class FailureCoordinator:
+    """The run-wide failure bookkeeping and decisions (see the module docstring).
+
+    Parameters
+    ----------
+    config : dasgd.config.RunConfig
+    run_dir : path-like
+        Where ``failures.json``, ``restarts.json`` and ``topology-changes.jsonl`` go.
+    adjacency : dict of int to set of int or None
+        The DASGD topology (node -> neighbours); None for the parameter-server baselines.
+    t0_unix_s : float
+        The run clock's origin (wall clock).
+    addresses : dict of int to str
+        Every node's inbox address.
+    host_of : callable, optional
+        ``host_of(node) -> host rank`` (several hosts); default: all on host 0.
+
+    Attributes
+    ----------
+    failures : dict of int to dict
+        Nodes dead now (``failures.json``), by id.
+    restarts : list of dict
+        One record per restart (``restarts.json``).
+    """
+
+    def __init__(
+        self, config, run_dir, adjacency, t0_unix_s: float, addresses, host_of=None
+    ) -> None:
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.n = config.n_nodes
+        self.dasgd = config.algorithm == "dasgd"
+        self.overlay = {k: set(v) for k, v in (adjacency or {}).items()}
+        self.original = {k: set(v) for k, v in self.overlay.items()}
+        self.t0_unix_s = t0_unix_s
+        self.addresses = {int(k): v for k, v in addresses.items()}
+        self.host_of = host_of or (lambda node: 0)
+        self.failures: dict[int, dict] = {}
+        self.restarts: list[dict] = []
+        self.joining: dict[int, dict] = {}  # restarted node -> what its `start` needs
+        self.ready_early: dict[int, str] = {}  # a rejoined host's node, ready before its turn
+        self.awaiting: dict[int, dict] = {}  # dead node -> reports, who was asked, deadline
+        self.waiting_host: dict[int, float] = {}  # dead node -> deadline for its host to return
+        self.lost_hosts: set[int] = set()
+        self.exited: set[int] = set()
+        self.ever_failed = False
+
+    # -- views ---------------------------------------------------------------------
+    def alive(self) -> list[int]:
+        """Nodes (and a ps-async server) running now, with a control identity."""
+        ids = range(self.n + (not self.dasgd))
+        return [
+            j
+            for j in ids
+            if j not in self.failures and j not in self.joining and j not in self.exited
+        ]
+
+    def _t_s(self) -> float:
+        return round(time.time() - self.t0_unix_s, 3)
+
+    def _write(self, name: str, content) -> None:
+        (self.run_dir / name).write_text(json.dumps(content, indent=2) + "\n")
+
+    def _write_failures(self) -> None:
+        self._write("failures.json", sorted(self.failures.values(), key=lambda f: f["node"]))
+
+    def _change(self, change: dict) -> None:
+        with (self.run_dir / "topology-changes.jsonl").open("a") as f:
+            f.write(json.dumps(change) + "\n")
+
+    # -- events ----------------------------------------------------------------------
+    def node_down(self, node: int, record: dict) -> list[dict]:
+        """Node ``node``'s process died (``record``: its ``failures.json`` entry)."""
+        if node in self.failures:
+            return []
+        self.ever_failed = True
+        self.joining.pop(node, None)
+        self.ready_early.pop(node, None)
+        record = dict(record)
+        record.setdefault("detected_t_s", self._t_s())
+        self.failures[node] = record
+        links = repair_links(self.overlay, node) if self.overlay else []
+        if self.dasgd:
+            self._change(
+                {"t_s": record["detected_t_s"], "removed_node": node, "added_edges": links}
+            )
+            record["added_edges"] = links
+            self.awaiting[node] = {
+                "reports": {},
+                "deadline": time.monotonic() + self.config.transport.send_timeout_s,
+            }
+        asked = [j for j in self.alive() if j != node]
+        if node in self.awaiting:
+            self.awaiting[node]["asked"] = set(asked)
+        self._write_failures()
+        message = {
+            "kind": "failed",
+            "node": node,
+            "t_s": record["detected_t_s"],
+            "links": links,
+            "addresses": {str(u): self.addresses[u] for e in links for u in e},
+        }
+        return [{"do": "notify", "to": asked, "message": message}]
+
+    def host_lost(self, host: int, nodes, why: str) -> list[dict]:
+        """A host went silent: each of its live ``nodes`` is dead (``exit_code`` None)."""
+        self.lost_hosts.add(host)
+        actions = []
+        for node in nodes:
+            if node in self.failures or node in self.exited:
+                continue
+            record = {
+                "node": node,
+                "exit_code": None,
+                "host_lost": host,
+                "last_step": 0,
+                "planned_steps": None,
+                "steps_lost": None,
+                "last_words": why,
+            }
+            actions += self.node_down(node, record)
+        return actions
+
+    def host_back(self, host: int) -> None:
+        """A launcher joined again as lost host ``host`` (its nodes may be restarted)."""
+        self.lost_hosts.discard(host)
+
+    def held(self, report: dict) -> None:
+        """A survivor's ``held`` report on a dead node."""
+        entry = self.awaiting.get(report.get("failed"))
+        if entry is not None and isinstance(report.get("node"), int):
+            entry["reports"][report["node"]] = report
+
+    def node_exited(self, node: int) -> list[dict]:
+        """Node ``node``'s process exited normally (done)."""
+        if node in self.exited:
+            return []
+        self.exited.add(node)
+        if not (self.ever_failed and self.dasgd):
+            return []
+        # after a repair it may leave before a new neighbour heard its `complete`
+        message = {"kind": "finished", "node": node}
+        return [{"do": "notify", "to": self.alive(), "message": message}]
+
+    def node_ready(self, node: int, address: str) -> list[dict]:
+        """A restarted process of ``node`` bound its inbox at ``address``."""
+        self.addresses[node] = address
+        if node not in self.joining:  # a rejoined host's node, before its restart was decided
+            self.ready_early[node] = address
+            return []
+        return self._rejoin(node)
+
+    def tick(self) -> list[dict]:
+        """Deadlines: settle dead nodes' fins (or restart them), give up on late restarts."""
+        actions = []
+        now = time.monotonic()
+        for dead in list(self.awaiting):
+            entry = self.awaiting[dead]
+            alive = set(self.alive()) & entry["asked"]
+            if not alive <= set(entry["reports"]) and now < entry["deadline"]:
+                continue
+            del self.awaiting[dead]
+            reports = list(entry["reports"].values())
+            deltas, steps = derive_fin(reports, self.config.train.send_every)
+            self.failures[dead]["fin"] = {
+                "deltas": deltas,
+                "steps": steps,
+                "reports": len(reports),
+            }
+            if self._restartable(dead, reports):
+                if self.host_of(dead) in self.lost_hosts:
+                    self.waiting_host[dead] = now + self.config.transport.ready_timeout_s
+                    self.failures[dead]["reports_for_restart"] = reports
+                else:
+                    actions += self._restart(dead, reports, deltas)
+                continue
+            actions += self._fin_of(dead)
+        for dead, deadline in list(self.waiting_host.items()):
+            if self.host_of(dead) not in self.lost_hosts:
+                del self.waiting_host[dead]
+                record = self.failures[dead]
+                reports = record.pop("reports_for_restart", [])
+                actions += self._restart(dead, reports, record["fin"]["deltas"])
+            elif now > deadline:  # its host did not come back: as continue
+                del self.waiting_host[dead]
+                self.failures[dead].pop("reports_for_restart", None)
+                actions += self._fin_of(dead)
+        for node, entry in list(self.joining.items()):
+            if now > entry["deadline"] and not entry.get("killed"):
+                entry["killed"] = True
+                why = f"not ready within {self.config.transport.ready_timeout_s:.0f} s of its restart"
+                actions.append({"do": "kill", "node": node, "why": why})
+        return actions
+
+    # -- decisions ---------------------------------------------------------------------
+    def _fin_of(self, dead: int) -> list[dict]:
+        fin = self.failures[dead]["fin"]
+        self._write_failures()
+        message = {"kind": "fin_of", "node": dead, "deltas": fin["deltas"], "steps": fin["steps"]}
+        return [{"do": "notify", "to": self.alive(), "message": message}]
+
+    def _restartable(self, dead: int, reports: list[dict]) -> bool:
+        config = self.config
+        if config.on_node_failure != "restart" or not self.dasgd:
+            return False
+        if any(r.get("fin_deltas") is not None for r in reports):
+            return False  # it had finished its steps: nothing to redo
+        done = sum(r["node"] == dead for r in self.restarts)
+        return done < config.max_restarts and bool(self.alive())
+
+    def _restart(self, dead: int, reports: list[dict], deltas: int) -> list[dict]:
+        record = self.failures.pop(dead)
+        record.pop("fin", None)
+        self._write_failures()
+        incarnation = 1 + sum(r["node"] == dead for r in self.restarts)
+        steps = deltas * self.config.train.send_every  # every window of a live node is full
+        last = record.get("last_step") or 0
+        record.update(
+            incarnation=incarnation,
+            deltas_held=deltas,
+            steps_held=steps,
+            steps_lost=max(0, last - steps),
+        )
+        self.restarts.append(record)
+        self._write("restarts.json", self.restarts)
+        best = max(reports, key=lambda r: r["contiguous"], default=None)
+        self.joining[dead] = {
+            "deltas": deltas,
+            "steps": steps,
+            "incarnation": incarnation,
+            "prefer": best["node"] if best is not None else None,
+            "deadline": time.monotonic() + self.config.transport.ready_timeout_s,
+        }
+        if dead in self.ready_early:  # a rejoined host started it already
+            self.addresses[dead] = self.ready_early.pop(dead)
+            return self._rejoin(dead)
+        return [{"do": "spawn", "node": dead}]
+
+    def _rejoin(self, node: int) -> list[dict]:
+        """Link a ready restarted node up, tell the others, and give it its ``start``."""
+        entry = self.joining.pop(node)
+        alive = [j for j in self.alive() if j != node]
+        nbrs = sorted(set(self.original[node]) & set(alive)) or alive[:1]
+        self.overlay[node] = set(nbrs)
+        for u in nbrs:
+            self.overlay[u].add(node)
+        donor = entry["prefer"] if entry["prefer"] in nbrs else nbrs[0]
+        t_s = self._t_s()
+        self.restarts[-1 - [r["node"] for r in reversed(self.restarts)].index(node)].update(
+            donor=donor, rejoined_t_s=t_s
+        )
+        self._write("restarts.json", self.restarts)
+        self._change(
+            {"t_s": t_s, "rejoined_node": node, "added_edges": [sorted((node, u)) for u in nbrs]}
+        )
+        notice = {
+            "kind": "rejoined",
+            "node": node,
+            "address": self.addresses[node],
+            "neighbours": nbrs,
+        }
+        fins = {
+            str(k): [f["fin"]["deltas"], f["fin"]["steps"]]
+            for k, f in self.failures.items()
+            if "fin" in f and k not in self.awaiting and k not in self.waiting_host
+        }
+        start = {
+            "kind": "start",
+            "addresses": {str(k): v for k, v in self.addresses.items()},
+            "t0_unix_s": self.t0_unix_s,
+            "restart": {
+                "donor": donor,
+                "deltas": entry["deltas"],
+                "steps": entry["steps"],
+                "neighbours": nbrs,
+                "failed": sorted(self.failures),
+                "fins": fins,
+                "incarnation": entry["incarnation"],
+            },
+        }
+        return [
+            {"do": "notify", "to": alive, "message": notice},
+            {"do": "send", "node": node, "message": start},
+        ]
