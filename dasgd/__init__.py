@@ -12,6 +12,7 @@ layers, lowest first; a module imports only from its own layer or below:
     - :mod:`~dasgd.core.protocol` -- ``NodeProtocol``: DASGD bookkeeping (relay, de-duplication, drain)
     - :mod:`~dasgd.core.node` -- ``DasgdNode``: every decision of a DASGD node, handed ``now``
     - :mod:`~dasgd.core.ps` -- ``PSWorker``, ``PSServer``: the parameter-server baselines, likewise
+    - :mod:`~dasgd.core.failures` -- a dead node: overlay repair links and its derived ``fin``
     - :mod:`~dasgd.core.emulation`, :mod:`~dasgd.core.actions` -- straggler/latency/compute-time specs; waits
 - :mod:`dasgd.ml` -- the numerical parts: :mod:`~dasgd.ml.models`, :mod:`~dasgd.ml.optim`, :mod:`~dasgd.ml.data`
 - :mod:`dasgd.config`, :mod:`dasgd.topology` -- the frozen ``RunConfig``; graph builders and files

@@ -143,8 +143,11 @@ def simulate(config=None, *, costs=None, **options) -> RunResult:
     costs : dasgd.sim.SimCosts, optional
         Modelled host costs (default: measured on the project's machines).
     **options
-        As for :func:`run`, plus ``bandwidth`` (bits/s: ``"10G"``, ``1e9``)
-        and ``message_bytes``.
+        As for :func:`run`, plus ``bandwidth`` (bits/s: ``"10G"``, ``1e9``),
+        ``message_bytes`` and ``kill``: nodes whose process dies, and when,
+        as ``"NODE@T_S"`` strings or ``(node, t_s)`` pairs in virtual
+        seconds, e.g. ``kill=[(3, 0.5)]`` or ``kill=["3@0.5", "5@1.2"]``
+        (``dasgd simulate --kill``; the config's ``sim.kills``).
 
     Returns
     -------
@@ -158,18 +161,13 @@ def simulate(config=None, *, costs=None, **options) -> RunResult:
     SimulationStalled
         A node never finished, or the simulation passed ``timeout_s`` of real time.
     """
-    from .config import SimConfig
-    from .core.emulation import parse_bandwidth
+    from .cli import sim_config_from_args
     from .sim import simulate as sim_simulate
 
     if "bandwidth" in options and not isinstance(options["bandwidth"], str):
         options["bandwidth"] = repr(float(options["bandwidth"]))
     args, run_config, arrays, _ = _prepare("simulate", config, options)
-    run_config = run_config.replace(
-        sim=SimConfig(
-            bandwidth_bps=parse_bandwidth(args.bandwidth), message_bytes=args.message_bytes
-        )
-    )
+    run_config = run_config.replace(sim=sim_config_from_args(args))
     run_dir, summary = sim_simulate(run_config, costs=costs, progress=not args.quiet, arrays=arrays)
     return _finish(args, run_dir, summary)
 

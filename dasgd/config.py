@@ -338,6 +338,67 @@ class EmulationConfig:
         parse_compute_time(self.compute_time)
 
 
+def parse_kill(spec) -> tuple[int, float]:
+    """One ``--kill`` value: ``"NODE@T_S"`` (e.g. ``"3@0.5"``) or a pair ``(node, t_s)``.
+
+    Returns
+    -------
+    node : int
+    t_s : float
+        Virtual seconds since the run started, >= 0.
+
+    Raises
+    ------
+    ConfigError
+        Naming the bad value and the expected form.
+    """
+    form = "expected NODE@SECONDS with a node id >= 0 and a time >= 0 s, e.g. 3@0.5 (--kill)"
+    if isinstance(spec, str):
+        node_text, sep, t_text = spec.strip().partition("@")
+        if not sep:
+            raise ConfigError(f"kill {spec!r}: {form}")
+        try:
+            node, t_s = int(node_text), float(t_text)
+        except ValueError:
+            raise ConfigError(f"kill {spec!r}: {form}") from None
+    elif isinstance(spec, list | tuple) and len(spec) == 2:
+        node, t_s = spec
+        if isinstance(node, bool) or not isinstance(node, int) or isinstance(t_s, bool):
+            raise ConfigError(f"kill {spec!r}: {form}")
+        if not isinstance(t_s, int | float):
+            raise ConfigError(f"kill {spec!r}: {form}")
+        t_s = float(t_s)
+    else:
+        raise ConfigError(f"kill {spec!r}: {form}")
+    if node < 0 or not (math.isfinite(t_s) and t_s >= 0):
+        raise ConfigError(f"kill {spec!r}: {form}")
+    return node, t_s
+
+
+def parse_kills(specs) -> tuple[tuple[int, float], ...]:
+    """Every ``--kill`` value (see :func:`parse_kill`), sorted by time then node.
+
+    Raises
+    ------
+    ConfigError
+        A bad value, or a node killed twice (naming it).
+    """
+    if isinstance(specs, str):
+        specs = [specs]
+    if specs is None:
+        return ()
+    kills = [parse_kill(spec) for spec in specs]
+    seen: dict[int, float] = {}
+    for node, t_s in kills:
+        if node in seen:
+            raise ConfigError(
+                f"node {node} is killed twice (at {seen[node]:g} s and {t_s:g} s): "
+                "give each node at most one --kill"
+            )
+        seen[node] = t_s
+    return tuple(sorted(kills, key=lambda k: (k[1], k[0])))
+
+
 @dataclass(frozen=True)
 class SimConfig:
     """What only ``dasgd simulate`` models (a real run has real links).
@@ -352,12 +413,21 @@ class SimConfig:
         Nominal payload size of every array message, in bytes, for transfer
         times (e.g. a 1M-parameter model's 4 MB while the math runs on a small
         model). None: the real payload size.
+    kills : tuple of (int, float)
+        Failure injection (``--kill NODE@T_S``): ``(node, t_s)`` pairs, node
+        ``node``'s process dying at virtual time ``t_s`` seconds (see
+        :mod:`dasgd.sim.simulator`). Given as such pairs or as ``"NODE@T_S"``
+        strings; stored as pairs sorted by time, then node. At most one per
+        node; ``t_s >= 0``. Which nodes are valid is checked against the run
+        (:func:`dasgd.sim.simulator.check_kills`).
     """
 
     bandwidth_bps: float | None = None
     message_bytes: int | None = None
+    kills: tuple = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "kills", parse_kills(self.kills))
         if self.bandwidth_bps is not None:
             _positive(self.bandwidth_bps, "bandwidth", "--bandwidth")
         if self.message_bytes is not None:

@@ -23,6 +23,23 @@ are real, so loss curves are real; time is modelled:
 - **Randomness**: every node's draws come from its own generators seeded from
   the run seed and its id (as in the runtime), so a simulation is
   deterministic: same configuration and seed, same result, bit for bit.
+- **Failures** (``--kill NODE@T_S``, ``SimConfig.kills``): at ``T_S`` the node
+  stops; what had left its uplink by then still arrives, what it had queued
+  is lost, and messages to it are lost from then on. The simulated launcher,
+  as the real one (:mod:`dasgd.runtime.launch`), notices it at its next check
+  (a multiple of :data:`~dasgd.core.failures.CHILD_POLL_S`), records it in
+  ``failures.json`` (``exit_code`` -9, times in virtual seconds, plus
+  ``killed_t_s``), and under ``--on-node-failure continue`` repairs the
+  overlay (:func:`~dasgd.core.failures.repair_links`,
+  ``topology-changes.jsonl``) and sends every survivor ``failed``; each
+  survivor links up, exchanges ``have`` messages over the simulated links
+  (every node keeps a ``--delta-store-mib`` store when kills are given) and
+  reports what it holds; once all have, every survivor gets the derived
+  ``fin`` (:func:`~dasgd.core.failures.derive_fin`). Control messages take
+  no time on the wire and ``message_s`` of host time. Survivors whose drain
+  cannot complete (a store too small) stop after ``--drain-timeout-s``, as
+  real nodes do. Under ``--on-node-failure stop`` the simulation raises
+  :class:`~dasgd.errors.NodeFailed` naming the node.
 
 It writes the same run directory as ``dasgd run`` (``config.json``,
 ``topology.json``, one ``node-<i>.jsonl`` log per node with ``t_s`` in
@@ -40,6 +57,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import math
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -51,16 +69,17 @@ from ..analysis.events import CHUNK_ROWS, ModelSnapshots
 from ..analysis.metrics import Evaluator, EventLog
 from ..build import build_machine, build_recorder, build_run_model, is_server
 from ..config import RunConfig
-from ..core.actions import CONTINUE, DONE, WAIT_BACKLOG, WAITS
+from ..core.actions import CONTINUE, DONE, WAIT_BACKLOG, WAIT_DRAIN, WAITS
+from ..core.failures import CHILD_POLL_S, derive_fin, repair_links
 from ..core.node import DasgdNode
 from ..core.protocol import adjacency_sets, lag_sampled
 from ..core.ps import PSServer
-from ..errors import ConfigError, DasgdError, WireError
+from ..errors import ConfigError, DasgdError, NodeFailed, WireError
 from ..ml.data import local_steps
 from ..rundir import process_name
 from ..topology import neighbours as topology_neighbours
 
-__all__ = ["SimCosts", "SimulationStalled", "estimate_memory_bytes", "simulate"]
+__all__ = ["SimCosts", "SimulationStalled", "check_kills", "estimate_memory_bytes", "simulate"]
 
 #: A simulation whose estimated memory exceeds this fraction of the machine's is refused.
 MEMORY_FRACTION = 0.8
@@ -72,6 +91,11 @@ LAG_SAMPLE_NODES = 1000
 #: measured ~860 on a 1,000-node complete graph).
 EDGE_BYTES = 1000
 _ARRIVE, _WAKE = 0, 1
+# failure injection (--kill): a node dies; the launcher notices it, hears a survivor's `held`
+# report, notices a node that finished
+_KILL, _DETECT, _REPORT, _EXIT = 2, 3, 4, 5
+#: The exit code a killed node's failure record gives (SIGKILL, as ``kill -9`` of a real node).
+KILLED_EXIT_CODE = -9
 
 
 class SimulationStalled(DasgdError):
@@ -148,6 +172,12 @@ class _Node:
         "uplink_queue",
         "uplink_bytes",
         "events",
+        "dead",
+        "exited",
+        "control",
+        "sent",
+        "failed_seen",
+        "msgs_to_failed",
     )
 
     def __init__(self, node_id: int, machine) -> None:
@@ -168,6 +198,13 @@ class _Node:
         self.uplink_queue: deque = deque()  # (time its last byte leaves, size) per queued message
         self.uplink_bytes = 0
         self.events = None  # the machine's EventRecorder, if it records events
+        # failure injection only
+        self.dead = False  # killed (--kill): handles nothing, sends nothing more
+        self.exited = False  # done, and the launcher has noticed
+        self.control: deque = deque()  # the launcher's messages (failed, fin_of, finished)
+        self.sent: deque = deque()  # (time its last byte leaves, event seq) per message sent
+        self.failed_seen: list[int] = []
+        self.msgs_to_failed = 0  # messages it sent that reached a dead node
 
     def uplink_backlog(self, t: float) -> tuple[int, int]:
         """Messages and bytes not yet on the wire at time ``t`` (backpressure)."""
@@ -283,6 +320,19 @@ class Simulation:
         vv_dtype = np.int32 if total_steps < 2**31 - 1 else np.int64
         # above LAG_SAMPLE_NODES nodes, model lag on a sample of messages (an O(n) sum each)
         self.lag_every = max(1, n // LAG_SAMPLE_NODES)
+        # failure injection (--kill): the launcher's state, as in dasgd.runtime.launch
+        self.kills = config.sim.kills
+        self.shard_sizes = meta["shard_sizes"]
+        self.failures: dict[int, dict] = {}  # failures.json, by node
+        self.kills_ignored: list[int] = []  # nodes already done when their kill came
+        self.overlay: dict[int, set[int]] = {}
+        if self.kills and not ps:
+            self.overlay = {k: set(topology_neighbours(graph, k)) for k in graph}
+        self._cancelled: set[int] = set()  # seqs of arrivals lost with their dead sender
+        self._awaiting: dict[int, dict[int, dict]] = {}  # dead node -> {survivor: held}
+        self._told_finished: set[int] = set()
+        # every node keeps recent deltas for the anti-entropy after a failure, as real nodes do
+        store_bytes = int(config.delta_store_mib * 2**20) if self.kills else 0
         self.nodes: list[_Node] = []
         self.neighbours: list[list[int]] = []
         for i in range(self.n_procs):
@@ -310,6 +360,7 @@ class Simulation:
                 vv_dtype=vv_dtype,
                 lag_every=self.lag_every,
                 model=self.model,
+                delta_store_bytes=store_bytes,
             )
             node = _Node(i, machine)
             # thousands of nodes buffer events at once: keep each buffer small
@@ -358,6 +409,11 @@ class Simulation:
     def _dispatch(self, node: _Node, outs, t: float) -> float:
         """Put messages on node's uplink from time ``t``; returns the host time it spent."""
         cost = 0.0
+        track = bool(self.kills)
+        if track:  # what has left cannot be lost any more
+            sent = node.sent
+            while sent and sent[0][0] <= t:
+                sent.popleft()
         for out in outs:
             header = out.header
             # the sender's live vector: freeze it as encoding would (only where a lag is sampled)
@@ -383,6 +439,8 @@ class Simulation:
                 node.msgs_out += 1
                 node.bytes_out += size
                 self._push(arrive, _ARRIVE, to, message)
+                if track:
+                    node.sent.append((node.uplink_free, self._seq))
                 self.messages += 1
         return cost
 
@@ -393,31 +451,21 @@ class Simulation:
         costs = self.costs
         inbox = node.inbox
         wait = node.wait
-        if costs.wake_s and t > node.busy_until and (inbox or self._due(node, t)):
+        if costs.wake_s and t > node.busy_until and (inbox or node.control or self._due(node, t)):
             # a host that sat idle acts late (the runtime's poll and sleep overshoot)
             node.busy_until = t + costs.wake_s
             self._wake_at(node, node.busy_until)
             return
+        if node.control and wait is not DONE:
+            cost = self._handle_control(node, t)
+            if node.wait in WAITS or isinstance(node.wait, float):
+                node.woken = True  # the machine decides again (a fin_of may end its drain)
+            self._busy(node, t, cost)
+            return
         if inbox:
             # everything that has arrived, back to back (as the runtime's receive-all); what
             # arrives meanwhile joins the inbox before the host is free again
-            cost = 0.0
-            message_s, byte_s, vv_s = costs.message_s, costs.byte_s, costs.vv_entry_s
-            events = node.events
-            while inbox:
-                header, payload, size = inbox.popleft()
-                cost += message_s + vv_s * (header.sender_vv.size + header.base_vv.size)
-                if payload is not None:
-                    cost += byte_s * payload.nbytes
-                if events is not None:  # applied once handled
-                    events.now = t + cost
-                try:
-                    outs = machine.on_message(header, payload)
-                except WireError:  # as the runtime: counted and dropped (never expected here)
-                    self.malformed += 1
-                    outs = ()
-                if outs:
-                    cost += self._dispatch(node, outs, t + cost)
+            cost = self._handle_inbox(node, t, 0.0)
             if node.wait in WAITS or isinstance(node.wait, float):
                 node.woken = True  # a message arrived: the machine decides again
             self._busy(node, t, cost)
@@ -449,7 +497,87 @@ class Simulation:
         node.woken = False
         if wait is DONE:
             node.log.log(t + cost, "interval", machine.progress_step, **self._interval(node, t))
+            if self.kills:  # the launcher notices the exit at its next check
+                self._push(_next_poll_s(t + cost), _EXIT, node.id)
         self._busy(node, t, cost)
+
+    def _handle_inbox(self, node: _Node, t: float, cost: float) -> float:
+        """Handle every message in node's inbox from time ``t + cost``; returns the new cost."""
+        costs = self.costs
+        machine = node.machine
+        inbox = node.inbox
+        message_s, byte_s, vv_s = costs.message_s, costs.byte_s, costs.vv_entry_s
+        events = node.events
+        while inbox:
+            header, payload, size = inbox.popleft()
+            cost += message_s + vv_s * (header.sender_vv.size + header.base_vv.size)
+            if payload is not None:
+                cost += byte_s * payload.nbytes
+            if events is not None:  # applied once handled
+                events.now = t + cost
+            try:
+                outs = machine.on_message(header, payload)
+            except WireError:  # as the runtime: counted and dropped (never expected here)
+                self.malformed += 1
+                outs = ()
+            if outs:
+                cost += self._dispatch(node, outs, t + cost)
+        return cost
+
+    def _handle_control(self, node: _Node, t: float) -> float:
+        """The launcher's messages to node, as :class:`dasgd.runtime.node.Driver` handles them.
+
+        ``failed``: the machine forgets the dead node and links up
+        (``node_failed``: its ``have`` requests go out), a ``node_failed``
+        record is logged, every message already in the inbox is handled, and
+        then the node reports what it holds of the dead node (``held``, to the
+        launcher). ``fin_of``: the dead node's derived ``fin``
+        (``failed_fin`` record). ``finished``: a node that exited is no longer
+        awaited. Returns the host time spent, in seconds.
+        """
+        machine = node.machine
+        cost = 0.0
+        reports = []
+        while node.control:
+            item = node.control.popleft()
+            cost += self.costs.message_s
+            what = item[0]
+            if what == "failed":
+                _, dead, detected_s, links = item
+                if isinstance(machine, DasgdNode):
+                    outs = machine.node_failed(dead, links)
+                    if outs:
+                        cost += self._dispatch(node, outs, t + cost)
+                    reports.append(dead)
+                else:  # the ps-async server drops the worker
+                    machine.node_failed(dead)
+                node.failed_seen.append(dead)
+                node.log.log(
+                    t + cost,
+                    "node_failed",
+                    machine.progress_step,
+                    failed_node=dead,
+                    detected_t_s=detected_s,
+                    links=list(links),
+                )
+            elif what == "fin_of":
+                _, dead, deltas, steps = item
+                machine.protocol.failed_fin(dead, deltas, steps)
+                node.log.log(
+                    t + cost,
+                    "failed_fin",
+                    machine.progress_step,
+                    failed_node=dead,
+                    deltas=deltas,
+                    steps=steps,
+                )
+            else:  # finished
+                machine.protocol.neighbour_finished(item[1])
+        if reports:  # the dead node's last messages count in the report
+            cost = self._handle_inbox(node, t, cost)
+            for dead in reports:
+                self._push(t + cost, _REPORT, node.id, (dead, machine.protocol.held(dead)))
+        return cost
 
     @staticmethod
     def _due(node: _Node, t: float) -> bool:
@@ -506,6 +634,8 @@ class Simulation:
             If events run out while a node is not done.
         """
         nodes = self.nodes
+        for node_id, t_s in self.kills:  # before the start: a kill at 0 comes first
+            self._push(t_s, _KILL, node_id)
         for node in nodes:
             m = node.machine
             node.log.log(
@@ -531,10 +661,21 @@ class Simulation:
         deadline = None if max_real_s is None else time.perf_counter() + max_real_s
         self.truncated = False
         next_refresh = 0.0
+        cancelled = self._cancelled
         while heap:
-            t, _, kind, i, data = pop(heap)
-            node = nodes[i]
+            t, seq, kind, i, data = pop(heap)
             self.events += 1
+            if kind > _WAKE:
+                self._failure_event(t, kind, i, data)
+                continue
+            node = nodes[i]
+            if cancelled and seq in cancelled:  # its sender died before it left
+                cancelled.discard(seq)
+                continue
+            if node.dead:
+                if kind == _ARRIVE:
+                    nodes[data[0].sender].msgs_to_failed += 1
+                continue
             if kind == _ARRIVE:
                 node.inbox.append(data)
                 node.msgs_in += 1
@@ -561,12 +702,178 @@ class Simulation:
             bar.close()
         if self.truncated:
             return t
-        stuck = [node.id for node in nodes if node.wait is not DONE]
+        stuck = [node.id for node in nodes if node.wait is not DONE and not node.dead]
+        if stuck and self.failures and all(nodes[i].wait is WAIT_DRAIN for i in stuck):
+            # after a failure the anti-entropy may not repair everything (--delta-store-mib):
+            # as real nodes, the stuck ones give up after --drain-timeout-s of silence
+            for i in stuck:
+                self._drain_timeout(nodes[i], max(t, nodes[i].busy_until))
+            stuck = []
         if stuck:
             raise SimulationStalled(
                 f"simulation stalled at t = {t:.6f} s: node(s) {stuck[:10]} never finished"
             )
-        return max(node.busy_until for node in nodes)
+        return max(node.busy_until for node in nodes if not node.dead)
+
+    # -- failures (--kill) ------------------------------------------------------------
+    def _failure_event(self, t: float, kind: int, i: int, data) -> None:
+        if kind == _KILL:
+            self._kill(self.nodes[i], t)
+        elif kind == _DETECT:
+            self._detect(i, t, data)
+        elif kind == _REPORT:
+            dead, held = data
+            if dead in self._awaiting:
+                self._awaiting[dead][i] = held
+                self._settle(t)
+        else:  # _EXIT
+            node = self.nodes[i]
+            node.exited = True
+            if self.failures and self.config.algorithm == "dasgd" and i not in self._told_finished:
+                self._tell_finished(i, t)
+            self._settle(t)
+
+    def _kill(self, node: _Node, t: float) -> None:
+        """Node's process dies at ``t``: what has left its uplink arrives, the rest is lost."""
+        if node.wait is DONE:  # it had finished and left: nothing to kill
+            self.kills_ignored.append(node.id)
+            return
+        node.dead = True
+        node.inbox.clear()
+        node.control.clear()
+        for leave_t, seq in node.sent:
+            if leave_t > t:
+                self._cancelled.add(seq)
+        node.sent.clear()
+        # its log ends at the kill (records of work it began before and would end after: lost)
+        log = node.log
+        log._buffer[:] = [line for line in log._buffer if json.loads(line)["t_s"] <= t]
+        log.flush()
+        if node.events is not None:
+            node.events.flush()
+        self._push(_next_poll_s(t), _DETECT, node.id, t)
+
+    def _alive(self) -> list[int]:
+        """Processes running as the launcher sees them: not dead, not exited (server included)."""
+        return [node.id for node in self.nodes if not node.dead and not node.exited]
+
+    def _tell(self, node: _Node, t: float, item: tuple) -> None:
+        """A control message from the launcher reaches node at ``t`` (a running process only)."""
+        if node.wait is DONE:
+            return
+        node.control.append(item)
+        if t >= node.busy_until:
+            self._poke(node, t)
+
+    def _tell_finished(self, i: int, t: float) -> None:
+        self._told_finished.add(i)
+        for j in self._alive():
+            if j != i:
+                self._tell(self.nodes[j], t, ("finished", i))
+
+    def _detect(self, i: int, t: float, killed_s: float) -> None:
+        """The launcher sees node i dead at ``t``: record it, repair, tell every survivor."""
+        config = self.config
+        name = process_name(config, i)
+        log_path = self.run_dir / f"{name}.jsonl"
+        reason = f"killed at t = {killed_s:g} s by --kill {i}@{killed_s:g} (simulated)"
+        if config.on_node_failure != "continue":
+            raise NodeFailed(
+                f"node {i} exited with code {KILLED_EXIT_CODE}: {reason}; log: {log_path} "
+                "(--on-node-failure stop)"
+            )
+        self.failures[i] = self._failure_record(i, t, killed_s, reason)
+        if len(self.failures) == config.n_nodes:
+            raise NodeFailed(
+                f"node {i} exited with code {KILLED_EXIT_CODE}, the last node alive: {reason}; "
+                f"log: {log_path}"
+            )
+        dasgd = config.algorithm == "dasgd"
+        links = repair_links(self.overlay, i) if dasgd else []
+        if dasgd:
+            change = {
+                "t_s": self.failures[i]["detected_t_s"],
+                "removed_node": i,
+                "added_edges": links,
+            }
+            with (self.run_dir / "topology-changes.jsonl").open("a") as f:
+                f.write(json.dumps(change) + "\n")
+            self.failures[i]["added_edges"] = links
+            self._awaiting[i] = {}
+        self._write_failures()
+        for j in self._alive():
+            node = self.nodes[j]
+            if not hasattr(node.machine, "node_failed"):
+                continue  # a ps-async worker: nothing changes for it
+            mine = [v if u == j else u for u, v in links if j in (u, v)]
+            self._tell(node, t, ("failed", i, self.failures[i]["detected_t_s"], mine))
+        if dasgd:  # nodes that left already: nobody waits for them (nor over a repair link)
+            for node in self.nodes:
+                if node.exited and node.id not in self._told_finished:
+                    self._tell_finished(node.id, t)
+        self._settle(t)
+
+    def _settle(self, t: float) -> None:
+        """The derived ``fin`` of each dead node every running survivor reported on."""
+        for dead in list(self._awaiting):
+            reports = self._awaiting[dead]
+            alive = self._alive()
+            if not set(alive) <= set(reports):
+                continue
+            del self._awaiting[dead]
+            deltas, steps = derive_fin(list(reports.values()), self.config.train.send_every)
+            self.failures[dead]["fin"] = {"deltas": deltas, "steps": steps, "reports": len(reports)}
+            self._write_failures()
+            for j in alive:
+                self._tell(self.nodes[j], t, ("fin_of", dead, deltas, steps))
+
+    def _failure_record(self, i: int, detected_s: float, killed_s: float, reason: str) -> dict:
+        """``failures.json``'s entry for node i, with the fields the real launcher writes.
+
+        ``detected_t_s`` and ``last_record_t_s`` are virtual seconds; ``last_step``
+        is that of its last record before the kill (the simulated log loses
+        nothing before it, a real one up to ``--log-interval-s``);
+        ``killed_t_s`` (simulator only) is when it died; ``last_words`` says
+        how.
+        """
+        from ..analysis.metrics import read_events
+
+        records = read_events(self.run_dir / f"{process_name(self.config, i)}.jsonl")
+        last = records[-1] if records else {}
+        planned = int(local_steps(self.config.train, self.shard_sizes[i]))
+        last_step = int(last.get("step", 0))
+        return {
+            "node": i,
+            "exit_code": KILLED_EXIT_CODE,
+            "detected_t_s": round(detected_s, 6),
+            "last_step": last_step,
+            "last_record_t_s": last.get("t_s"),
+            "planned_steps": planned,
+            "steps_lost": max(0, planned - last_step),
+            "last_words": reason,
+            "killed_t_s": killed_s,
+        }
+
+    def _write_failures(self) -> None:
+        (self.run_dir / "failures.json").write_text(
+            json.dumps(sorted(self.failures.values(), key=lambda f: f["node"]), indent=2) + "\n"
+        )
+
+    def _drain_timeout(self, node: _Node, t: float) -> None:
+        """Node gives up draining after ``--drain-timeout-s`` of silence from ``t`` (as the runtime)."""
+        waited_s = self.config.transport.drain_timeout_s
+        end = t + waited_s
+        machine = node.machine
+        node.log.log(
+            end,
+            "drain_timeout",
+            machine.progress_step,
+            waited_s=waited_s,
+            **machine.protocol.missing,
+        )
+        node.log.log(end, "interval", machine.progress_step, **self._interval(node, end))
+        node.busy_until = end
+        node.wait = DONE
 
     def _progress_bar(self):
         if not self.progress:
@@ -577,8 +884,10 @@ class Simulation:
         return tqdm(total=total, desc=f"simulate n={self.config.n_nodes}", unit="step", leave=False)
 
     def write_results(self) -> None:
-        """Final models and ``final`` records, as the runtime writes them."""
+        """Final models and ``final`` records, as the runtime writes them (a killed node: none)."""
         for node in self.nodes:
+            if node.dead:
+                continue
             m = node.machine
             t = node.busy_until
             name = process_name(self.config, node.id)
@@ -591,6 +900,9 @@ class Simulation:
                 params = m.x if isinstance(m, PSServer) else m.params
                 node.evaluator.maybe_log(node.log, t, m.progress_step, params, force=True)
             fields = m.final_fields()
+            if node.failed_seen or node.msgs_to_failed:
+                fields["failed_nodes_seen"] = list(node.failed_seen)
+                fields["msgs_to_failed"] = node.msgs_to_failed
             node.log.log(
                 t,
                 "final",
@@ -650,6 +962,7 @@ def simulate(
     t_real = time.perf_counter()
     costs = costs or SimCosts()
     _check_memory(config)
+    check_kills(config)
     config, run_dir, context = prepare_run(
         config, write_shards=False, check_ports=False, arrays=arrays
     )
@@ -676,8 +989,57 @@ def simulate(
     summary["run"]["sim_events"] = sim.events
     summary["run"]["sim_messages"] = sim.messages
     summary["sim"] = {"costs": costs.__dict__, **config.sim.__dict__}
+    if config.sim.kills:
+        summary["sim"]["kills_ignored"] = sim.kills_ignored
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return run_dir, summary
+
+
+def _next_poll_s(t_s: float) -> float:
+    """When the launcher, checking its children every :data:`CHILD_POLL_S`, next looks after ``t_s``."""
+    tick_s = (math.floor(t_s / CHILD_POLL_S) + 1) * CHILD_POLL_S
+    return tick_s if tick_s > t_s else tick_s + CHILD_POLL_S
+
+
+def check_kills(config: RunConfig) -> None:
+    """Refuse ``--kill`` values the run cannot honour, before anything is written.
+
+    Raises
+    ------
+    ConfigError
+        A kill in a ps-sync run (every round waits for every worker), of the
+        parameter server (its death always stops a run), or of a node the run
+        does not have; the message names the value and what is valid.
+    """
+    kills = config.sim.kills
+    if not kills:
+        return
+    node, t_s = kills[0]
+    spec = f"{node}@{t_s:g}"
+    if config.algorithm == "ps-sync":
+        raise ConfigError(
+            f"--kill {spec}: a ps-sync run cannot lose a worker (every round waits for all of "
+            "them); kill nodes of a dasgd or ps-async run"
+        )
+    if config.algorithm == "dasgd":
+        from ..topology import parse_topology
+
+        graph = parse_topology(config.topology.spec, config.n_nodes, seed=config.topology.seed)
+        n = graph.number_of_nodes()
+    else:
+        n = config.n_nodes if config.n_nodes is not None else 4
+    for node, t_s in kills:
+        spec = f"{node}@{t_s:g}"
+        if config.algorithm != "dasgd" and node == n:
+            raise ConfigError(
+                f"--kill {spec}: node {n} is the parameter server, whose death always stops the "
+                f"run; kill a worker, 0..{n - 1}"
+            )
+        if node >= n:
+            what = "nodes" if config.algorithm == "dasgd" else "workers"
+            raise ConfigError(
+                f"--kill {spec}: the run has no node {node}; its {n} {what} are 0..{n - 1}"
+            )
 
 
 def _check_memory(config: RunConfig) -> None:
