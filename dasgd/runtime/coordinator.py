@@ -106,6 +106,29 @@ class FailureCoordinator:
             f.write(json.dumps(change) + "\n")
 
     # -- events ----------------------------------------------------------------------
+    def handle(self, event: dict) -> list[dict]:
+        """Dispatch a launcher's event (``event``: ``node_down``, ``held``, ``exited``, ``ready``).
+
+        Raises
+        ------
+        ValueError, KeyError, TypeError
+            For a malformed event (the rendezvous counts and drops it).
+        """
+        kind = event.get("event")
+        if kind == "node_down":
+            record = event["record"]
+            if not isinstance(record, dict):
+                raise TypeError("record is not a map")
+            return self.node_down(int(event["node"]), record)
+        if kind == "held":
+            self.held(dict(event["report"]))
+            return []
+        if kind == "exited":
+            return self.node_exited(int(event["node"]))
+        if kind == "ready":
+            return self.node_ready(int(event["node"]), str(event["address"]))
+        raise ValueError(f"unknown event {kind!r}")
+
     def node_down(self, node: int, record: dict) -> list[dict]:
         """Node ``node``'s process died (``record``: its ``failures.json`` entry)."""
         if node in self.failures:
@@ -225,7 +248,9 @@ class FailureCoordinator:
         for node, entry in list(self.joining.items()):
             if now > entry["deadline"] and not entry.get("killed"):
                 entry["killed"] = True
-                why = f"not ready within {self.config.transport.ready_timeout_s:.0f} s of its restart"
+                why = (
+                    f"not ready within {self.config.transport.ready_timeout_s:.0f} s of its restart"
+                )
                 actions.append({"do": "kill", "node": node, "why": why})
         return actions
 

@@ -50,11 +50,12 @@ import psutil
 import zmq
 
 from ..config import RunConfig
-from ..core.failures import derive_fin, repair_links
+from ..core.failures import derive_fin, repair_links  # noqa: F401 (importable from here too)
 from ..errors import ConfigError, NodeFailed
 from ..ml.data import local_steps
 from ..rundir import prepare_run, process_name, write_summary
 from . import control as control_messages
+from .coordinator import FailureCoordinator
 from .rendezvous import (
     HostLink,
     HostSpec,
@@ -362,6 +363,17 @@ def _gather(config: RunConfig, run_dir: Path, hosts: HostSpec, link: HostLink) -
     return json.loads(done["summary"])
 
 
+def _overlay(config: RunConfig, run_dir: Path) -> dict[int, set[int]] | None:
+    """The DASGD topology of a prepared run as node -> neighbours (None for the PS baselines)."""
+    if config.algorithm != "dasgd":
+        return None
+    from ..topology import neighbours as topology_neighbours
+    from ..topology import parse_topology
+
+    graph = parse_topology(str(run_dir / "topology.json"), config.n_nodes)
+    return {k: set(topology_neighbours(graph, k)) for k in graph}
+
+
 def _failure_record(
     config: RunConfig, run_dir: Path, name: str, node: int, exit_code: int, t0_unix_s: float, meta
 ) -> dict:
@@ -477,147 +489,60 @@ def _launch_local(config, run_dir, context, hosts: HostSpec, link, progress: boo
                 f"stderr: {run_dir / f'{names[i]}.stderr'}"
             )
 
-        failures: dict[int, dict] = {}
         started = False
-        overlay: dict[int, set[int]] = {}
-        if config.algorithm == "dasgd":
-            from ..topology import neighbours as topology_neighbours
-            from ..topology import parse_topology
-
-            graph = parse_topology(str(run_dir / "topology.json"), n)
-            overlay = {k: set(topology_neighbours(graph, k)) for k in graph}
-        # dead node -> {"reports": {node: held}, "deadline": monotonic s}
-        awaiting_held: dict[int, dict] = {}
-
-        def write_failures() -> None:
-            (run_dir / "failures.json").write_text(
-                json.dumps(sorted(failures.values(), key=lambda f: f["node"]), indent=2) + "\n"
-            )
-
-        finished: set[int] = set()
-        restarts: list[dict] = []  # restarts.json: one record per restart
-        joining: dict[int, dict] = {}  # restarted node -> what its `start` needs, until ready
+        coordinator: FailureCoordinator | None = None  # this host's; host 0's rendezvous has it
+        gone: set[int] = set()  # local processes whose exit was handled
+        pending: set[int] = set()  # local dead nodes whose fate (fin_of or restart) is open
         last_seen: dict[int, float] = {}  # node -> when it last sent anything (heartbeats)
         hung: dict[int, float] = {}  # node -> seconds of silence when it was killed
         quiet: set[int] = set()  # said done (or error): lingering or exiting, no more heartbeats
-
-        def alive_nodes() -> list[int]:
-            """Live DASGD nodes/workers that have a control identity (a restarted one: once ready)."""
-            return [
-                j
-                for j, p in procs.items()
-                if j < n and j not in failures and j not in joining and p.poll() is None
-            ]
-
-        def write_restarts() -> None:
-            (run_dir / "restarts.json").write_text(json.dumps(restarts, indent=2) + "\n")
-
-        def restart(dead: int, reports: list[dict], deltas: int) -> None:
-            """Start ``dead``'s process again; its ``start`` follows its ``ready``."""
-            record = failures.pop(dead)
-            write_failures()
-            incarnation = 1 + sum(r["node"] == dead for r in restarts)
-            steps = deltas * config.train.send_every  # every window of a live node is full
-            record.update(
-                incarnation=incarnation,
-                deltas_held=deltas,
-                steps_held=steps,
-                steps_lost=max(0, record["last_step"] - steps),
-            )
-            restarts.append(record)
-            write_restarts()
-            identities.pop(dead, None)
-            quiet.discard(dead)
-            best = max(reports, key=lambda r: r["contiguous"], default=None)
-            joining[dead] = {
-                "deltas": deltas,
-                "steps": steps,
-                "incarnation": incarnation,
-                "prefer": best["node"] if best is not None else None,
-                "deadline": time.monotonic() + tc.ready_timeout_s,
-            }
-            procs[dead] = spawn(dead, "ab")
-
-        def restartable(dead: int, reports: list[dict]) -> bool:
-            if config.on_node_failure != "restart" or config.algorithm != "dasgd":
-                return False
-            if any(r.get("fin_deltas") is not None for r in reports):
-                return False  # it had finished its steps: nothing to redo
-            done = sum(r["node"] == dead for r in restarts)
-            return done < config.max_restarts and bool(alive_nodes())
-
-        def rejoin(i: int) -> None:
-            """A restarted node is ready: link it up, tell the others, send its ``start``."""
-            entry = joining.pop(i)
-            alive = [j for j in alive_nodes() if j != i]
-            nbrs = sorted(set(original[i]) & set(alive)) or alive[:1]
-            overlay[i] = set(nbrs)
-            for u in nbrs:
-                overlay[u].add(i)
-            donor = entry["prefer"] if entry["prefer"] in nbrs else nbrs[0]
-            restarts[-1 - [r["node"] for r in reversed(restarts)].index(i)].update(
-                donor=donor, rejoined_t_s=round(time.time() - t0_unix_s, 3)
-            )
-            write_restarts()
-            with (run_dir / "topology-changes.jsonl").open("a") as f:
-                change = {
-                    "t_s": round(time.time() - t0_unix_s, 3),
-                    "rejoined_node": i,
-                    "added_edges": [sorted((i, u)) for u in nbrs],
-                }
-                f.write(json.dumps(change) + "\n")
-            notice = control_messages.pack(
-                {"kind": "rejoined", "node": i, "address": addresses[i], "neighbours": nbrs}
-            )
-            for j in alive:
-                control.send_multipart([identities[j], notice])
-            fins = {
-                str(k): [f["fin"]["deltas"], f["fin"]["steps"]]
-                for k, f in failures.items()
-                if "fin" in f
-            }
-            start_i = {
-                "kind": "start",
-                "addresses": {str(k): v for k, v in addresses.items()},
-                "t0_unix_s": t0_unix_s,
-                "restart": {
-                    "donor": donor,
-                    "deltas": entry["deltas"],
-                    "steps": entry["steps"],
-                    "neighbours": nbrs,
-                    "failed": sorted(failures),
-                    "fins": fins,
-                    "incarnation": entry["incarnation"],
-                },
-            }
-            control.send_multipart([identities[i], control_messages.pack(start_i)])
-            last_seen[i] = time.monotonic()
-
-        def settle_fins() -> None:
-            """Send ``fin_of`` for each dead node every survivor reported on (or at the deadline)."""
-            for dead in list(awaiting_held):
-                entry = awaiting_held[dead]
-                alive = set(alive_nodes()) & entry["asked"]
-                if not alive <= set(entry["reports"]) and time.monotonic() < entry["deadline"]:
-                    continue
-                del awaiting_held[dead]
-                reports = list(entry["reports"].values())
-                deltas, steps = derive_fin(reports, config.train.send_every)
-                if restartable(dead, reports):
-                    restart(dead, reports, deltas)
-                    continue
-                failures[dead]["fin"] = {"deltas": deltas, "steps": steps, "reports": len(reports)}
-                write_failures()
-                notice = control_messages.pack(
-                    {"kind": "fin_of", "node": dead, "deltas": deltas, "steps": steps}
-                )
-                for j in alive_nodes():
-                    control.send_multipart([identities[j], notice])
+        identities: dict[int, bytes] = {}
+        addresses: dict[int, str] = {}
+        t0_unix_s = time.time()
 
         def tolerated(i: int) -> bool:
-            if config.on_node_failure == "stop" or not started or link is not None:
+            if config.on_node_failure == "stop" or not started:
                 return False
             return config.algorithm == "dasgd" or (config.algorithm == "ps-async" and i < n)
+
+        def execute(actions) -> None:
+            """Carry out the coordinator's actions for the nodes this host runs."""
+            for action in actions:
+                do, i = action["do"], action.get("node")
+                if do == "notify":
+                    message = action["message"]
+                    if message["kind"] == "fin_of":
+                        pending.discard(message["node"])
+                    raw = control_messages.pack(message)
+                    for j in action["to"]:
+                        if j in procs and j in identities and procs[j].poll() is None:
+                            control.send_multipart([identities[j], raw])
+                elif i not in procs:
+                    continue  # another host's node
+                elif do == "spawn":
+                    pending.discard(i)
+                    for held_state in (gone, quiet):
+                        held_state.discard(i)
+                    identities.pop(i, None)
+                    hung.pop(i, None)
+                    errors.pop(i, None)
+                    procs[i] = spawn(i, "ab")
+                elif do == "send" and i in identities:
+                    control.send_multipart(
+                        [identities[i], control_messages.pack(action["message"])]
+                    )
+                    last_seen[i] = time.monotonic()
+                elif do == "kill" and procs[i].poll() is None:
+                    errors[i] = action["why"]
+                    procs[i].kill()
+                    procs[i].wait(TERMINATE_TIMEOUT_S)
+
+        def report(event: dict) -> None:
+            """Tell the coordinator what this host saw (over several hosts: host 0's)."""
+            if link is not None:
+                link.send({"kind": "event", **event})
+            elif coordinator is not None:  # (none under --on-node-failure stop)
+                execute(coordinator.handle(event))
 
         def check_children() -> int:
             running = 0
@@ -625,69 +550,37 @@ def _launch_local(config, run_dir, context, hosts: HostSpec, link, progress: boo
                 rc = proc.poll()
                 if rc is None:
                     running += 1
-                elif (
-                    rc == 0
-                    and (failures or restarts)
-                    and i not in finished
-                    and config.algorithm == "dasgd"
-                ):
-                    # a node that is done needs nothing more: after a repair it may have left
-                    # before its new neighbour heard its `complete`; nobody waits for it
-                    finished.add(i)
-                    notice = control_messages.pack({"kind": "finished", "node": i})
-                    for j, other in procs.items():
-                        if j != i and other.poll() is None and j in identities:
-                            control.send_multipart([identities[j], notice])
-                elif rc != 0 and i not in failures:
-                    what = f"exited with code {rc}"
-                    if i in hung:
-                        what = (
-                            f"sent nothing for {hung[i]:.0f} s (hung or stopped; "
-                            f"--heartbeat-timeout-s {config.heartbeat_timeout_s:g}) and was killed"
-                        )
-                    if not tolerated(i):
-                        raise fail(i, what)
-                    joining.pop(i, None)  # a restarted process that died before it was ready
-                    failures[i] = _failure_record(config, run_dir, names[i], i, rc, t0_unix_s, meta)
-                    if i in hung:
-                        failures[i]["hung_s"] = round(hung.pop(i), 3)
-                    t_s = failures[i]["detected_t_s"]
-                    links = repair_links(overlay, i) if overlay else []
-                    if config.algorithm == "dasgd":
-                        with (run_dir / "topology-changes.jsonl").open("a") as f:
-                            change = {"t_s": t_s, "removed_node": i, "added_edges": links}
-                            f.write(json.dumps(change) + "\n")
-                        failures[i]["added_edges"] = links
-                        awaiting_held[i] = {
-                            "reports": {},
-                            "deadline": time.monotonic() + tc.send_timeout_s,
-                        }
-                    notice = control_messages.pack(
-                        {
-                            "kind": "failed",
-                            "node": i,
-                            "t_s": t_s,
-                            "links": links,
-                            "addresses": {str(u): addresses[u] for e in links for u in e},
-                        }
+                    continue
+                if i in gone:
+                    continue
+                gone.add(i)
+                if rc == 0:
+                    if started and i < n:
+                        report({"event": "exited", "node": i})
+                    continue
+                what = f"exited with code {rc}"
+                if i in hung:
+                    what = (
+                        f"sent nothing for {hung[i]:.0f} s (hung or stopped; "
+                        f"--heartbeat-timeout-s {config.heartbeat_timeout_s:g}) and was killed"
                     )
-                    asked = set()
-                    for j, other in procs.items():
-                        if j != i and other.poll() is None and j in identities:
-                            control.send_multipart([identities[j], notice])
-                            asked.add(j)
-                    if i in awaiting_held:
-                        awaiting_held[i]["asked"] = asked
-                    write_failures()
-                    if len(failures) == len([j for j in local if j < n]):
-                        raise fail(i, f"{what}, the last node alive")
+                if not tolerated(i):
+                    raise fail(i, what)
+                record = _failure_record(config, run_dir, names[i], i, rc, t0_unix_s, meta)
+                if i in hung:
+                    record["hung_s"] = round(hung.pop(i), 3)
+                if config.algorithm == "dasgd":
+                    pending.add(i)
+                report({"event": "node_down", "node": i, "record": record})
+                if coordinator is not None and all(j in coordinator.failures for j in range(n)):
+                    raise fail(i, f"{what}, the last node alive")
             return running
 
         def check_heartbeats() -> None:
             """Kill a started node process that has been silent too long (then it fails as usual)."""
             now = time.monotonic()
             for i, proc in procs.items():
-                if i in failures or i in joining or i in quiet or proc.poll() is not None:
+                if i not in identities or i in quiet or i in gone or proc.poll() is not None:
                     continue
                 silent_s = now - last_seen.get(i, now)
                 if silent_s > config.heartbeat_timeout_s:
@@ -711,9 +604,11 @@ def _launch_local(config, run_dir, context, hosts: HostSpec, link, progress: boo
                             errors[message["node"]] = str(message.get("message"))
                         on_message(identity, message)
 
-        identities: dict[int, bytes] = {}
-        addresses: dict[int, str] = {}
-        t0_unix_s = time.time()
+        def poll_link() -> None:
+            """Messages from the rendezvous: an abort (raises), the coordinator's actions."""
+            while (message := link.poll()) is not None:
+                if message["kind"] == "act":
+                    execute(message.get("actions") or ())
 
         def on_ready(identity, message):
             if message.get("kind") == "ready":
@@ -732,6 +627,7 @@ def _launch_local(config, run_dir, context, hosts: HostSpec, link, progress: boo
                     f"node(s) {missing} not ready within {tc.ready_timeout_s:.0f} s (--ready-timeout-s); stderr in {run_dir}"
                 )
         t0_unix_s = time.time()
+        rejoining = False
         if link is not None:
             link.join(config.to_dict(), data_digest(context["dataset"]), addresses)
 
@@ -742,19 +638,26 @@ def _launch_local(config, run_dir, context, hosts: HostSpec, link, progress: boo
             start_message = link.wait_for("start", tc.ready_timeout_s, on_idle=idle)
             addresses = {int(k): v for k, v in start_message["addresses"].items()}
             t0_unix_s = start_message["t0_unix_s"]
-        start = control_messages.pack(
-            {
-                "kind": "start",
-                "addresses": {str(k): v for k, v in addresses.items()},
-                "t0_unix_s": t0_unix_s,  # the run clock's origin, shared by every process
-            }
-        )
-        for i in local:
-            control.send_multipart([identities[i], start])
-            last_seen[i] = time.monotonic()
+            rejoining = bool(start_message.get("rejoin"))
         started = True
-        # the original topology (a restarted node links to its original neighbours still alive)
-        original = {k: set(v) for k, v in overlay.items()}
+        if rejoining:  # a lost host come back: its nodes are restarted ones, started one by one
+            for i in local:
+                report({"event": "ready", "node": i, "address": addresses[i]})
+        else:
+            start = control_messages.pack(
+                {
+                    "kind": "start",
+                    "addresses": {str(k): v for k, v in addresses.items()},
+                    "t0_unix_s": t0_unix_s,  # the run clock's origin, shared by every process
+                }
+            )
+            for i in local:
+                control.send_multipart([identities[i], start])
+                last_seen[i] = time.monotonic()
+        if link is None and config.on_node_failure != "stop":
+            coordinator = FailureCoordinator(
+                config, run_dir, _overlay(config, run_dir), t0_unix_s, addresses
+            )
 
         def on_message(identity, message):
             kind, i = message.get("kind"), message["node"]
@@ -762,25 +665,19 @@ def _launch_local(config, run_dir, context, hosts: HostSpec, link, progress: boo
                 quiet.add(i)
             elif kind == "progress":
                 bar.update(message)
-            elif kind == "held" and message.get("failed") in awaiting_held:
-                awaiting_held[message["failed"]]["reports"][i] = message
-            elif kind == "ready" and i in joining and procs[i].poll() is None:
-                identities[i] = identity
-                addresses[i] = message["address"]
-                rejoin(i)
+            elif kind == "held":
+                report({"event": "held", "report": message})
+            elif kind == "ready" and i in procs and i not in identities:
+                identities[i] = identity  # a restarted process
+                report({"event": "ready", "node": i, "address": message["address"]})
 
-        while check_children():
+        while check_children() or pending:
             pump(int(CHILD_POLL_S * 1000), on_message)
             check_heartbeats()
-            for i, entry in list(joining.items()):
-                if time.monotonic() > entry["deadline"] and procs[i].poll() is None:
-                    errors[i] = f"not ready within {tc.ready_timeout_s:.0f} s of its restart"
-                    procs[i].kill()  # fails again: the next check counts it
-                    procs[i].wait(TERMINATE_TIMEOUT_S)
-            if awaiting_held:
-                settle_fins()
+            if coordinator is not None:
+                execute(coordinator.tick())
             if link is not None:
-                link.poll()
+                poll_link()
             if config.timeout_s is not None and time.monotonic() - t_start > config.timeout_s:
                 raise NodeFailed(
                     f"run exceeded --timeout-s {config.timeout_s:.0f} s; logs in {run_dir}"
