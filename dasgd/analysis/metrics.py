@@ -252,6 +252,13 @@ def read_failures(run_dir) -> dict[int, dict]:
     return {int(f["node"]): f for f in json.loads(path.read_text())}
 
 
+def _death(record: dict) -> str:
+    """How a node died, for the run table: its exit code, or its host going silent."""
+    if record.get("host_lost") is not None:
+        return f"host {record['host_lost']} went silent"
+    return f"exit code {record['exit_code']}"
+
+
 def read_restarts(run_dir) -> list[dict]:
     """The node restarts the launcher recorded (``restarts.json``, ``--on-node-failure restart``); [] if none."""
     path = Path(run_dir) / "restarts.json"
@@ -345,7 +352,8 @@ def build_summary(
     failures = read_failures(run_dir)
     all_finals = []
     n = 0
-    while (run_dir / f"node-{n}.jsonl").exists():
+    # a node of a host that went silent has no log here: the failures name it
+    while (run_dir / f"node-{n}.jsonl").exists() or n in failures:
         recs = [] if n in failures else read_events(run_dir / f"node-{n}.jsonl", "final")
         all_finals.append(recs[-1] if recs else None)
         n += 1
@@ -480,7 +488,7 @@ def build_ps_summary(
     server = server[-1]
     failures = read_failures(run_dir)
     workers = []
-    while (run_dir / f"node-{len(workers)}.jsonl").exists():
+    while (run_dir / f"node-{len(workers)}.jsonl").exists() or len(workers) in failures:
         if len(workers) in failures:  # a dead ps-async worker: no final record
             workers.append(None)
             continue
@@ -608,7 +616,7 @@ def format_summary(summary: dict, *, max_edges: int = 32) -> str:
     restarted = {r["node"] for r in restarts}
     for node in summary["nodes"]:
         if node.get("failed"):
-            lines.append(f"{str(node['node']) + '*':>6} FAILED (exit code {node['exit_code']})")
+            lines.append(f"{str(node['node']) + '*':>6} FAILED ({_death(node)})")
         else:
             mark = "r" if node["node"] in restarted else ""
             lines.append(row(str(node["node"]) + mark, node))
@@ -624,7 +632,7 @@ def format_summary(summary: dict, *, max_edges: int = 32) -> str:
             held = f", {node['gradients_applied']} of its gradients applied by the server"
         lines.append(
             f"* {'worker' if ps else 'node'} {node['node']} failed: seen dead at t = {node['detected_t_s']:.2f} s "
-            f"(exit code {node['exit_code']}), last logged step {node['last_step']} of "
+            f"({_death(node)}), last logged step {node['last_step']} of "
             f"{node['planned_steps']} ({node['steps_lost']} steps lost){held}"
             + (
                 f"; killed after {node['hung_s']:.1f} s without a heartbeat"
@@ -640,7 +648,7 @@ def format_summary(summary: dict, *, max_edges: int = 32) -> str:
         )
         lines.append(
             f"* node {r['node']}r restarted (restart {r['incarnation']}): seen dead at "
-            f"t = {r['detected_t_s']:.2f} s (exit code {r['exit_code']}){rejoined}, resumed at "
+            f"t = {r['detected_t_s']:.2f} s ({_death(r)}){rejoined}, resumed at "
             f"step {r['steps_held']} of {r['planned_steps']} (last logged step {r['last_step']})"
             + (f"; killed after {r['hung_s']:.1f} s without a heartbeat" if "hung_s" in r else "")
         )

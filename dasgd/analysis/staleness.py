@@ -323,7 +323,8 @@ def _read_all(run_dir: Path, names: list[str], suffix: str, dtype) -> np.ndarray
 def _eval_series(run_dir: Path, name: str) -> dict:
     from .metrics import read_events
 
-    records = read_events(run_dir / f"{name}.jsonl", "eval")
+    path = run_dir / f"{name}.jsonl"
+    records = read_events(path, "eval") if path.exists() else []  # a lost host's node: none
     return {
         "t_s": [r["t_s"] for r in records],
         "test_loss": [r.get("test_loss") for r in records],

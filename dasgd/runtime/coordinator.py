@@ -51,6 +51,8 @@ class FailureCoordinator:
         Every node's inbox address.
     host_of : callable, optional
         ``host_of(node) -> host rank`` (several hosts); default: all on host 0.
+    planned_steps : dict of int to int, optional
+        Each node's planned local steps (for the records of a lost host's nodes).
 
     Attributes
     ----------
@@ -61,7 +63,14 @@ class FailureCoordinator:
     """
 
     def __init__(
-        self, config, run_dir, adjacency, t0_unix_s: float, addresses, host_of=None
+        self,
+        config,
+        run_dir,
+        adjacency,
+        t0_unix_s: float,
+        addresses,
+        host_of=None,
+        planned_steps=None,
     ) -> None:
         self.config = config
         self.run_dir = Path(run_dir)
@@ -72,6 +81,7 @@ class FailureCoordinator:
         self.t0_unix_s = t0_unix_s
         self.addresses = {int(k): v for k, v in addresses.items()}
         self.host_of = host_of or (lambda node: 0)
+        self.planned_steps = planned_steps or {}
         self.failures: dict[int, dict] = {}
         self.restarts: list[dict] = []
         self.joining: dict[int, dict] = {}  # restarted node -> what its `start` needs
@@ -79,6 +89,7 @@ class FailureCoordinator:
         self.awaiting: dict[int, dict] = {}  # dead node -> reports, who was asked, deadline
         self.waiting_host: dict[int, float] = {}  # dead node -> deadline for its host to return
         self.lost_hosts: set[int] = set()
+        self.expect_ready: set[int] = set()  # dead nodes a rejoined host is starting again
         self.exited: set[int] = set()
         self.ever_failed = False
 
@@ -169,21 +180,31 @@ class FailureCoordinator:
         for node in nodes:
             if node in self.failures or node in self.exited:
                 continue
+            planned = self.planned_steps.get(node, 0)
             record = {
                 "node": node,
                 "exit_code": None,
                 "host_lost": host,
-                "last_step": 0,
-                "planned_steps": None,
-                "steps_lost": None,
+                "last_step": 0,  # its logs are on the lost host
+                "last_record_t_s": None,
+                "planned_steps": planned,
+                "steps_lost": planned,
                 "last_words": why,
             }
             actions += self.node_down(node, record)
         return actions
 
+    def can_return(self, host: int) -> bool:
+        """Whether a launcher may join again as lost ``host``: a node of it awaits its restart."""
+        return host in self.lost_hosts and any(
+            self.host_of(k) == host and (k in self.awaiting or k in self.waiting_host)
+            for k in self.failures
+        )
+
     def host_back(self, host: int) -> None:
-        """A launcher joined again as lost host ``host`` (its nodes may be restarted)."""
+        """A launcher joined again as lost host ``host``: it starts its dead nodes itself."""
         self.lost_hosts.discard(host)
+        self.expect_ready |= {k for k in self.failures if self.host_of(k) == host}
 
     def held(self, report: dict) -> None:
         """A survivor's ``held`` report on a dead node."""
@@ -205,6 +226,7 @@ class FailureCoordinator:
     def node_ready(self, node: int, address: str) -> list[dict]:
         """A restarted process of ``node`` bound its inbox at ``address``."""
         self.addresses[node] = address
+        self.expect_ready.discard(node)
         if node not in self.joining:  # a rejoined host's node, before its restart was decided
             self.ready_early[node] = address
             return []
@@ -296,6 +318,8 @@ class FailureCoordinator:
         if dead in self.ready_early:  # a rejoined host started it already
             self.addresses[dead] = self.ready_early.pop(dead)
             return self._rejoin(dead)
+        if dead in self.expect_ready:  # a rejoined host is starting it: wait for its ready
+            return []
         return [{"do": "spawn", "node": dead}]
 
     def _rejoin(self, node: int) -> list[dict]:

@@ -280,6 +280,21 @@ def run(
                 return write_summary(config, run_dir, context, time.monotonic() - t_start)
 
             server.collect = collect
+            if config.on_node_failure != "stop" and config.algorithm != "ps-sync":
+                P = hosts.nproc_per_host
+                server.make_coordinator = lambda addresses, t0_unix_s: FailureCoordinator(
+                    config,
+                    run_dir,
+                    _overlay(config, run_dir),
+                    t0_unix_s,
+                    addresses,
+                    host_of=lambda node: node // P if node < config.n_nodes else 0,
+                    planned_steps={
+                        i: int(local_steps(config.train, size))
+                        for i, size in enumerate(context["meta"]["shard_sizes"])
+                    },
+                )
+                server.host_nodes = lambda rank: list(range(rank * P, rank * P + P))
             server.start()
         link = HostLink(hosts, timeout_s=config.transport.send_timeout_s, curve=curve)
     t_start = time.monotonic()
@@ -496,6 +511,7 @@ def _launch_local(config, run_dir, context, hosts: HostSpec, link, progress: boo
         last_seen: dict[int, float] = {}  # node -> when it last sent anything (heartbeats)
         hung: dict[int, float] = {}  # node -> seconds of silence when it was killed
         quiet: set[int] = set()  # said done (or error): lingering or exiting, no more heartbeats
+        watched: set[int] = set()  # got their start: heartbeats are expected
         identities: dict[int, bytes] = {}
         addresses: dict[int, str] = {}
         t0_unix_s = time.time()
@@ -524,6 +540,7 @@ def _launch_local(config, run_dir, context, hosts: HostSpec, link, progress: boo
                     for held_state in (gone, quiet):
                         held_state.discard(i)
                     identities.pop(i, None)
+                    watched.discard(i)
                     hung.pop(i, None)
                     errors.pop(i, None)
                     procs[i] = spawn(i, "ab")
@@ -532,6 +549,7 @@ def _launch_local(config, run_dir, context, hosts: HostSpec, link, progress: boo
                         [identities[i], control_messages.pack(action["message"])]
                     )
                     last_seen[i] = time.monotonic()
+                    watched.add(i)
                 elif do == "kill" and procs[i].poll() is None:
                     errors[i] = action["why"]
                     procs[i].kill()
@@ -580,7 +598,7 @@ def _launch_local(config, run_dir, context, hosts: HostSpec, link, progress: boo
             """Kill a started node process that has been silent too long (then it fails as usual)."""
             now = time.monotonic()
             for i, proc in procs.items():
-                if i not in identities or i in quiet or i in gone or proc.poll() is not None:
+                if i not in watched or i in quiet or i in gone or proc.poll() is not None:
                     continue
                 silent_s = now - last_seen.get(i, now)
                 if silent_s > config.heartbeat_timeout_s:
@@ -654,6 +672,7 @@ def _launch_local(config, run_dir, context, hosts: HostSpec, link, progress: boo
             for i in local:
                 control.send_multipart([identities[i], start])
                 last_seen[i] = time.monotonic()
+                watched.add(i)
         if link is None and config.on_node_failure != "stop":
             coordinator = FailureCoordinator(
                 config, run_dir, _overlay(config, run_dir), t0_unix_s, addresses

@@ -181,6 +181,12 @@ class Driver:
         self._decode_finite = config.transport.check_finite and not isinstance(machine, DasgdNode)
         self._waited_s = 0.0
         self._interval_t = 0.0
+        tc = config.transport
+        # a neighbour that accepts nothing: under continue/restart, first let the failure
+        # detectors (heartbeats, a host's silence) declare it dead, which unblocks this node
+        self._stall_s = tc.send_timeout_s
+        if config.on_node_failure != "stop":
+            self._stall_s += max(tc.send_timeout_s, config.heartbeat_timeout_s)
         self.events = getattr(machine, "events", None)  # stamped with the time of each message
 
     # -- messages ------------------------------------------------------------
@@ -290,7 +296,7 @@ class Driver:
         transport = self.transport
         tc = self.config.transport
         transport.flush()
-        transport.check_stalled(tc.send_timeout_s)
+        transport.check_stalled(self._stall_s)
         # backpressure and the lead bound resume as soon as possible: short polls
         cap_s = SHORT_POLL_S if why in (WAIT_BACKLOG, WAIT_LEAD) else POLL_CAP_S
         if self._receive_all(timeout_s=transport.wait_cap_s(cap_s)):

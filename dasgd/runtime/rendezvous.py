@@ -26,7 +26,22 @@ kind          direction        fields
 ``result``    host -> rank 0   ``host_rank``, ``names`` (file names); frames: contents
 ``done``      rank 0 -> host   ``summary`` (JSON text of the run's summary.json)
 ``abort``     rank 0 -> host   ``message``, ``exit_code`` (2: a user mistake)
+``event``     host -> rank 0   under ``--on-node-failure continue|restart``: what the
+                               host saw (``event``: ``node_down`` with ``node`` and
+                               ``record``, ``held`` with ``report``, ``exited`` or
+                               ``ready`` with ``node`` and ``address``)
+``act``       rank 0 -> host   ``actions``: the failure coordinator's decisions
+                               (:mod:`dasgd.runtime.coordinator`), carried out by
+                               each host for the nodes it runs
 ============  ===============  =====================================================
+
+Node failures over several hosts (``--on-node-failure continue`` or
+``restart``, DASGD and ps-async): host 0 runs the one
+:class:`~dasgd.runtime.coordinator.FailureCoordinator`; a host that goes silent
+for ``--send-timeout-s`` (its machine or network gone, no FIN needed) has all
+its nodes declared dead, and under ``restart`` a launcher started again with
+that ``--host-rank`` joins the running run (``start`` then carries
+``rejoin: true``) and its nodes take their neighbours' state.
 
 Host 0 checks that every host runs the same dasgd version and the same
 configuration on the same data before anything trains; a mismatch is one line
@@ -71,7 +86,7 @@ __all__ = [
 HEARTBEAT_S = 1.0
 #: Port of the rendezvous when an endpoint gives none (torchrun's convention).
 DEFAULT_RDZV_PORT = 29400
-KINDS = ("join", "start", "alive", "failed", "result", "done", "abort")
+KINDS = ("join", "start", "alive", "failed", "result", "done", "abort", "event", "act")
 #: Fields of the configuration that differ legitimately between hosts.
 PER_HOST_FIELDS = (
     "out_dir",
@@ -387,12 +402,18 @@ class RendezvousServer(threading.Thread):
         silence_s: float,
         collect,
         curve=None,
+        make_coordinator=None,
+        host_nodes=None,
     ) -> None:
         super().__init__(name="dasgd-rendezvous", daemon=True)
         self.spec = spec
         self.timeout_s = timeout_s
         self.silence_s = silence_s
         self.collect = collect
+        # (addresses, t0_unix_s) -> FailureCoordinator or None; host rank -> its node ids
+        self.make_coordinator = make_coordinator
+        self.host_nodes = host_nodes or (lambda rank: [])
+        self.coordinator = None
         self.error: str | None = None
         self.malformed = 0
         self._abort_message: dict | None = None
@@ -530,36 +551,71 @@ class RendezvousServer(threading.Thread):
         addresses: dict[str, str] = {}
         for j in joins.values():
             addresses.update(j["addresses"])
+        t0_unix_s = time.time()
         self._broadcast(
-            who.values(), {"kind": "start", "addresses": addresses, "t0_unix_s": time.time()}
+            who.values(), {"kind": "start", "addresses": addresses, "t0_unix_s": t0_unix_s}
         )
-        self._supervise(who)
+        if self.make_coordinator is not None:
+            self.coordinator = self.make_coordinator(
+                {int(k): v for k, v in addresses.items()}, t0_unix_s
+            )
+        self._supervise(who, joins[0], t0_unix_s)
 
-    def _supervise(self, who: dict[int, bytes]) -> None:
+    def _act(self, who: dict[int, bytes], actions) -> bool:
+        """Broadcast the coordinator's actions; False (after an abort) if no worker is left."""
+        if actions:
+            self._broadcast(who.values(), {"kind": "act", "actions": actions})
+        c = self.coordinator
+        if c is not None and all(j in c.failures for j in range(c.n)):
+            self._abort(who.values(), "every node of the run died", 1)
+            return False
+        return True
+
+    def _supervise(self, who: dict[int, bytes], reference: dict, t0_unix_s: float) -> None:
         n = self.spec.nhosts
         rank_of = {identity: rank for rank, identity in who.items()}
         last_heard = dict.fromkeys(who, time.monotonic())
         files: dict[str, bytes] = {}
         reported: set[int] = set()
+        lost: set[int] = set()
         next_beat = 0.0
+        coordinator = self.coordinator
         while not self._halt.is_set():
             now = time.monotonic()
             if now >= next_beat:
                 self._broadcast(who.values(), {"kind": "alive"})
                 next_beat = now + HEARTBEAT_S
             silent = [
-                r for r, t in last_heard.items() if r not in reported and now - t > self.timeout_s
+                r for r, t in last_heard.items() if r not in reported and now - t > self.silence_s
             ]
-            if silent:
+            if silent and (coordinator is None or 0 in silent):
                 self._abort(
                     who.values(),
-                    f"host(s) {silent} went silent for {self.timeout_s:.0f} s (launcher killed or "
+                    f"host(s) {silent} went silent for {self.silence_s:.0f} s (launcher killed or "
                     "network lost)",
                     1,
                 )
                 return
+            for r in silent:  # the run goes on without them (their nodes are dead)
+                lost.add(r)
+                rank_of.pop(who.pop(r), None)
+                del last_heard[r]
+                why = f"host {r} went silent for {self.silence_s:.0f} s (--send-timeout-s)"
+                if not self._act(who, coordinator.host_lost(r, self.host_nodes(r), why)):
+                    return
+            if coordinator is not None and not self._act(who, coordinator.tick()):
+                return
+            if len(reported) == n - len(lost) and reported:
+                self._finish(who, files)
+                return
             identity, message, extra = self._recv(HEARTBEAT_S / 4)
-            if message is None or identity not in rank_of:
+            if message is None:
+                continue
+            if identity not in rank_of:
+                if message["kind"] == "join":  # a lost host's launcher started again?
+                    self._rejoin(
+                        who, rank_of, last_heard, lost, identity, message, reference, t0_unix_s
+                    )
                 continue
             rank = rank_of[identity]
             last_heard[rank] = time.monotonic()
@@ -570,6 +626,14 @@ class RendezvousServer(threading.Thread):
                     int(message.get("exit_code") or 1),
                 )
                 return
+            if message["kind"] == "event" and coordinator is not None:
+                try:
+                    actions = coordinator.handle(message)
+                except (KeyError, TypeError, ValueError):
+                    self.malformed += 1  # dropped and counted, never fatal
+                    continue
+                if not self._act(who, actions):
+                    return
             if message["kind"] == "result" and rank not in reported:
                 names = message.get("names") or []
                 if len(names) != len(extra):
@@ -578,9 +642,49 @@ class RendezvousServer(threading.Thread):
                     for name, content in zip(names, extra, strict=True):
                         files[Path(name).name] = content
                 reported.add(rank)
-                if len(reported) == n:
-                    self._finish(who, files)
-                    return
+
+    def _rejoin(self, who, rank_of, last_heard, lost, identity, message, reference, t0_unix_s):
+        """A launcher joins the running run as a lost host (``--on-node-failure restart``)."""
+        rank = message.get("host_rank")
+        refuse = None
+        if not _valid_join(message):
+            self.malformed += 1
+            return
+        if rank not in lost:
+            refuse = (
+                f"a launcher joined as host {rank!r} while the run is going: only a host lost "
+                f"during the run ({sorted(lost) or 'none'}) may join again"
+            )
+        elif self.coordinator is None or self.coordinator.config.on_node_failure != "restart":
+            refuse = (
+                f"host {rank} was lost and the run goes on without it: joining again needs "
+                "--on-node-failure restart"
+            )
+        elif not self.coordinator.can_return(rank):
+            refuse = (
+                f"host {rank} came back too late: its nodes' deltas were settled without it "
+                "(--ready-timeout-s after they were found dead)"
+            )
+        else:
+            refuse = mismatch(reference, message)
+        if refuse:
+            raw = _pack({"kind": "abort", "message": refuse, "exit_code": 2})
+            try:
+                self._sock.send_multipart([identity, raw], flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+            return
+        lost.discard(rank)
+        who[rank] = identity
+        rank_of[identity] = rank
+        last_heard[rank] = time.monotonic()
+        self.coordinator.host_back(rank)
+        addresses = {str(k): v for k, v in self.coordinator.addresses.items()}
+        addresses.update(message["addresses"])
+        self._broadcast(
+            [identity],
+            {"kind": "start", "addresses": addresses, "t0_unix_s": t0_unix_s, "rejoin": True},
+        )
 
     def _finish(self, who: dict[int, bytes], files: dict[str, bytes]) -> None:
         """Write the files and the summary (in a thread: heartbeats go on), then send ``done``."""
