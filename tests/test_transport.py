@@ -464,14 +464,22 @@ def test_backlog_does_not_drain_during_a_cut(transports, ipc_dir):
     assert all(t - t0 >= 0.8 for _, t in rest)
 
 
-def test_a_cut_counts_as_a_stall_only_once_longer_than_the_timeout(transports, ipc_dir):
+def test_a_cut_is_backpressure_and_a_stall_once_it_holds_more_than_the_high_water_mark(
+    transports, ipc_dir
+):
     t0 = time.monotonic()
-    a, b = cut_pair(transports, ipc_dir, "0-1@0+30", t0)
-    a.check_stalled(timeout_s=0.0)  # cut, but nothing waiting: no stall
-    a.send(1, message(0))
-    a.check_stalled(timeout_s=0.3)  # cut for less than the timeout: survived
+    a, b = cut_pair(transports, ipc_dir, "0-1@0+30", t0, hwm_msgs=3)
+    for i in range(3):  # up to the mark: a real link's queue takes them
+        a.send(1, message(i))
+    assert a.flush() == 0
+    t_over = time.monotonic()
+    a.check_stalled(timeout_s=0.0)  # cut, but not beyond the mark: no stall
+    for i in range(3, 5):
+        a.send(1, message(i))
+    assert a.flush() == 2  # beyond the mark: backpressure, as a refused send
+    a.check_stalled(timeout_s=0.3)  # over the mark for less than the timeout: survived
     exc, t_raised = stall_time(a, timeout_s=0.3)
-    assert t_raised - t0 > 0.3
+    assert t_raised - t_over > 0.3
     assert "neighbour 1" in str(exc) and "--partition" in str(exc)
 
 

@@ -31,11 +31,13 @@ ends (:func:`~dasgd.core.emulation.release_after`), and the link's backlog is
 not handed to ZeroMQ during a cut either: a cut TCP link loses nothing, keeps
 the order, and delivers nothing while it is down. Messages ZeroMQ took just
 before the cut began still arrive (as bytes already in a real link's socket
-buffers would). Unlike a message inside its latency, a message held by a cut
-counts towards :meth:`Transport.check_stalled` from the moment the cut began:
-a cut shorter than the send timeout is survived; a longer one with messages
-waiting is reported as a neighbour that accepts nothing, as a real partition
-would be.
+buffers would). As on a real link, where ZeroMQ queues up to its
+high-water mark and then refuses, held messages beyond ``hwm_msgs`` count as
+backlog (:meth:`Transport.flush`'s return: backpressure) and, from the moment
+they exceed it, towards :meth:`Transport.check_stalled`: a cut shorter than
+the send timeout is survived; a longer one that holds more than ``hwm_msgs``
+messages is reported as a neighbour that accepts nothing, as a real
+partition would be.
 
 Addresses are ``ipc://DIR/node-<id>`` or ``tcp://HOST:PORT``; with port 0 the
 operating system picks a free port and :meth:`Transport.start` returns the
@@ -162,6 +164,8 @@ class Transport:
         self._t0: float | None = None
         # links with a cut only: neighbour -> sorted disjoint [(start, end)] on time.monotonic
         self._cuts: dict[int, list[tuple[float, float]]] = {}
+        # cut links holding more than hwm_msgs messages: neighbour -> since when (monotonic)
+        self._over_since: dict[int, float] = {}
         #: messages a cut held (their release came later than their due time)
         self.partition_held_msgs = 0
         self.address: str | None = None
@@ -294,6 +298,7 @@ class Transport:
             dropped += len(link[1])
         self._last_progress.pop(node, None)
         self._cuts.pop(node, None)
+        self._over_since.pop(node, None)
         sock = self._out.pop(node, None)
         if sock is not None:
             sock.close(linger=0)
@@ -364,6 +369,11 @@ class Transport:
                 released = release_after(cuts, due)
                 if released > due:
                     self.partition_held_msgs += 1
+                    if (
+                        to not in self._over_since
+                        and len(queue) + len(self._backlog[to]) >= self.hwm_msgs
+                    ):
+                        self._over_since[to] = now  # a real link's queue would refuse it
                 due = released
             queue.append((due, frames))
             if queue[0][0] <= now:
@@ -410,7 +420,9 @@ class Transport:
         -------
         int
             Messages still waiting in all backlogs (refused by ZeroMQ); messages
-            still inside their delay are not counted.
+            still inside their delay are not counted, nor those a cut holds
+            unless they exceed the high-water mark (a real link's queue would
+            refuse those).
         """
         if self._delayed:
             now = time.monotonic()
@@ -421,6 +433,15 @@ class Transport:
         for to, backlog in self._backlog.items():
             self._drain(to, backlog)
             waiting += len(backlog)
+        if self._over_since:
+            now = time.monotonic()
+            for to in list(self._over_since):
+                held = len(self._delayed[to][1]) + len(self._backlog[to])
+                if self._cut_since(to, now) is None or held <= self.hwm_msgs:
+                    del self._over_since[to]
+                else:
+                    # the link counts as max(backlog, held beyond the mark): add the difference
+                    waiting += max(0, held - self.hwm_msgs - len(self._backlog[to]))
         return waiting
 
     @property
@@ -480,8 +501,10 @@ class Transport:
         The clock of a neighbour runs from the later of its last accepted
         message and the moment its backlog became non-empty; time a message
         spends inside its emulated delay does not count. On a link inside an
-        emulated cut with messages waiting (held or in the backlog), it runs
-        from the later of its last accepted message and the start of the cut.
+        emulated cut holding more than ``hwm_msgs`` messages, it runs from the
+        later of its last accepted message and the moment the held messages
+        exceeded the high-water mark (when a real link's queue would have
+        begun to refuse them).
 
         Raises
         ------
@@ -495,14 +518,11 @@ class Transport:
                     f"node {self.node_id}: neighbour {to} accepted no message for "
                     f"{now - self._last_progress[to]:.1f} s ({len(backlog)} waiting); is it alive?"
                 )
-        for to in self._cuts:
+        for to, over_since in self._over_since.items():
+            if self._cut_since(to, now) is None:
+                continue
             held = len(self._backlog[to]) + len(self._delayed[to][1])
-            if not held:
-                continue
-            start = self._cut_since(to, now)
-            if start is None:
-                continue
-            since = max(start, self._last_progress[to])
+            since = max(over_since, self._last_progress[to])
             if now - since > timeout_s:
                 raise TransportError(
                     f"node {self.node_id}: neighbour {to} accepted no message for "
