@@ -44,7 +44,9 @@ least MINUTES), no kill and no cut (a steady run: the trials above cover
 failures), ``--no-events`` (the per-event logs grow with the run by design).
 Every node process's RSS is sampled with psutil every ``--sample-s`` (5 s);
 growth per node = last sample / first sample after the warm-up (20 % of the
-soak, at most 60 s) - 1; target < 5 % for every node. Results go to
+soak, at most 60 s) - 1; target < 5 % for every node. The growth over the
+second half of the samples alone is printed too: a leak keeps growing, a
+warm-up effect does not. Results go to
 ``benchmarks/results/bench_faults_soak.json`` (every sample included).
 
 Usage::
@@ -449,10 +451,11 @@ def soak(args) -> int:
                 rss = {}
                 for node, process in sorted(nodes.items()):
                     try:
-                        rss[node] = process.memory_info().rss
+                        if process.status() != psutil.STATUS_ZOMBIE:  # an exited node reads 0
+                            rss[node] = process.memory_info().rss
                     except psutil.NoSuchProcess:
                         pass
-                if len(rss) == N_NODES:
+                if len(rss) == N_NODES and all(rss.values()):  # while every node runs
                     try:
                         launcher_rss = launcher.memory_info().rss
                     except psutil.NoSuchProcess:
@@ -478,19 +481,24 @@ def soak(args) -> int:
         record["wall_s"] = round(time.monotonic() - t_start, 1)
         record |= _summary_fields(Path(tmp) / "soak")
     after = [s for s in samples if s["t_s"] >= warmup_s]
-    growth = {}
+    growth, late = {}, {}
     if len(after) >= 2:
-        first, last = after[0], after[-1]
+        first, middle, last = after[0], after[len(after) // 2], after[-1]
         for node in range(N_NODES):
             growth[node] = last["rss_bytes"][node] / first["rss_bytes"][node] - 1.0
+            # a leak grows on; a warm-up effect does not: the second half alone tells them apart
+            late[node] = last["rss_bytes"][node] / middle["rss_bytes"][node] - 1.0
         record["first_after_warmup"] = first
+        record["middle"] = middle
         record["last"] = last
     record["growth_rel"] = growth
-    print(f"{'node':>4} {'RSS_first_MB':>12} {'RSS_last_MB':>11} {'growth':>7}")
+    record["growth_second_half_rel"] = late
+    print(f"{'node':>4} {'RSS_first_MB':>12} {'RSS_last_MB':>11} {'growth':>7} {'2nd_half':>8}")
     for node, g in growth.items():
         print(
             f"{node:>4} {record['first_after_warmup']['rss_bytes'][node] / 2**20:>12.1f} "
-            f"{record['last']['rss_bytes'][node] / 2**20:>11.1f} {100 * g:>6.2f}%"
+            f"{record['last']['rss_bytes'][node] / 2**20:>11.1f} {100 * g:>6.2f}% "
+            f"{100 * late[node]:>7.2f}%"
         )
     worst = max(growth.values()) if growth else None
     met = (
@@ -506,6 +514,7 @@ def soak(args) -> int:
         f"{record.get('consensus_distance_rel', float('nan')):.1e}, exactly-once "
         f"{'yes' if record.get('exactly_once') else 'NO'}; largest RSS growth "
         + ("-" if worst is None else f"{100 * worst:.2f} %")
+        + ("" if not late else f" ({100 * max(late.values()):.2f} % over the second half)")
         + f" (target < 5 % per node): {'met' if met else 'NOT met'}"
     )
     load_after = report_load(load_before)
