@@ -232,17 +232,18 @@ def _finish(proc: subprocess.Popen, hang_s: float, record: dict) -> None:
 
 def partition_trial(k: int, args, out_dir: Path) -> dict:
     """One run with one emulated cut (``--partition``): a link if k is even, else a host."""
-    rng = np.random.default_rng([args.seed, 1000 + k])
+    # trial k's draws: row k of one generator's stream (seeds [seed, 1000 + k] drew alike)
+    u_start, u_length, u_which = np.random.default_rng([args.seed, 1000]).random((k + 1, 3))[k]
     graph = parse_topology("random-regular:3", N_NODES, seed=args.seed + 1000 + k)
     nominal_s = args.steps * args.compute_time
-    start_s = round(float(rng.uniform(0.1, 0.5)) * nominal_s, 2)
-    duration_s = round(float(rng.uniform(1.0, 3.0)), 2)
+    start_s = round((0.1 + 0.4 * float(u_start)) * nominal_s, 2)
+    duration_s = round(1.0 + 2.0 * float(u_length), 2)
     if k % 2 == 0:
-        edges = sorted(graph.edges)
-        u, v = edges[int(rng.integers(len(edges)))]
-        what = f"{min(u, v)}-{max(u, v)}"
+        edges = sorted((min(u, v), max(u, v)) for u, v in graph.edges)
+        u, v = edges[int(u_which * len(edges))]
+        what = f"{u}-{v}"
     else:
-        what = str(int(rng.integers(N_NODES)))
+        what = str(int(u_which * N_NODES))
     spec = f"{what}@{start_s}+{duration_s}"
     run_id = f"cut-{k}"
     cmd = [
