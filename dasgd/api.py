@@ -97,7 +97,7 @@ def run(config=None, **options) -> RunResult:
         The flags of ``dasgd run`` with ``_`` for ``-``: ``nodes``,
         ``topology``, ``algorithm``, ``dataset``, ``model``, ``hidden``,
         ``lr``, ``batch_size``, ``steps``, ``epochs``, ``send_every``,
-        ``seed``, ``slowdown``, ``latency``, ``compute_time``, ``out_dir``,
+        ``seed``, ``slowdown``, ``latency``, ``compute_time``, ``partition``, ``out_dir``,
         ``run_id``, ``no_events``, ``quiet`` (no progress bar),
         ``tensorboard`` (a directory), and for a run over several hosts
         ``nhosts``, ``host_rank``, ``nproc_per_host``, ``rdzv_endpoint`` ...

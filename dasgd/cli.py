@@ -268,6 +268,15 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         help="one-way link delay in seconds: SECONDS for all links, or [SECONDS,]U-V:SECONDS,... (default: none)",
     )
     g.add_argument(
+        "--partition",
+        action="append",
+        default=None,
+        metavar="SPEC",
+        help="cut a link or a host for a while, then restore it (nothing is lost; messages wait, "
+        "in order): U-V@START+DURATION (link U-V) or NODE@START+DURATION (every link of NODE), "
+        "seconds on the run clock, e.g. 0-1@2+3; repeatable (default: none)",
+    )
+    g.add_argument(
         "--compute-time",
         default="",
         metavar="SPEC",
@@ -561,6 +570,15 @@ def _default_nodes(nodes: int | None, spec: str) -> int | None:
     return None
 
 
+def _partition_spec(value) -> str:
+    """``--partition`` (repeated, or one string from the Python API) as one comma-separated spec."""
+    if not value:
+        return ""
+    if isinstance(value, str):
+        return value.strip()
+    return ",".join(v.strip() for v in value if v.strip())
+
+
 def _mib_to_bytes(mib: float) -> int:
     if not (math.isfinite(mib) and mib > 0):
         raise ConfigError(f"queue size must be a number of MiB > 0, got {mib!r} (--queue-mib)")
@@ -608,7 +626,10 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             seed=args.seed,
         ),
         emulation=EmulationConfig(
-            slowdown=args.slowdown, latency=args.latency, compute_time=args.compute_time
+            slowdown=args.slowdown,
+            latency=args.latency,
+            compute_time=args.compute_time,
+            partition=_partition_spec(getattr(args, "partition", None)),
         ),
         transport=TransportConfig(
             kind=args.transport or TransportConfig.kind,
@@ -682,6 +703,7 @@ def args_from_config(config: RunConfig) -> dict:
         "slowdown": config.emulation.slowdown,
         "latency": config.emulation.latency,
         "compute_time": config.emulation.compute_time,
+        "partition": [config.emulation.partition] if config.emulation.partition else None,
         "transport": config.transport.kind,
         "host": config.transport.host,
         "advertise_address": config.transport.advertise_host,

@@ -15,7 +15,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from .core.emulation import parse_compute_time, parse_latency, parse_slowdown
+from .core.emulation import parse_compute_time, parse_latency, parse_partition, parse_slowdown
 from .errors import ConfigError
 
 __all__ = [
@@ -326,16 +326,22 @@ class EmulationConfig:
         producing the update (times each node's slowdown factor): ``""``
         (none), ``"SECONDS"``, ``"lognormal:MEDIAN:SIGMA"``,
         ``"exponential:MEAN"`` or ``"uniform:LOW:HIGH"``.
+    partition : str
+        Emulated cuts on the run clock: ``""`` (none) or comma-separated
+        ``"U-V@START+DURATION"`` (a link) and ``"NODE@START+DURATION"`` (every
+        link of a node), in seconds.
     """
 
     slowdown: str = ""
     latency: str = ""
     compute_time: str = ""
+    partition: str = ""
 
     def __post_init__(self) -> None:
         parse_slowdown(self.slowdown)
         parse_latency(self.latency)
         parse_compute_time(self.compute_time)
+        parse_partition(self.partition)
 
 
 def parse_kill(spec) -> tuple[int, float]:

@@ -144,7 +144,7 @@ def prepare_run(
         (or its subclasses TopologyError, DataError) on any bad value, before
         anything is spawned; nothing is written then.
     """
-    from .core.emulation import resolve_latency, resolve_slowdown
+    from .core.emulation import resolve_latency, resolve_partition, resolve_slowdown
     from .ml.data import (
         class_histogram,
         dataset_from_arrays,
@@ -216,6 +216,7 @@ def prepare_run(
         "slowdown_factors": resolve_slowdown(config.emulation.slowdown, n),
         "latency": config.emulation.latency,
         "compute_time": config.emulation.compute_time,
+        "partition": resolve_partition(config.emulation.partition, graph.edges, graph.nodes),
         "latency_s": {
             f"{u}-{v}": d
             for (u, v), d in sorted(resolve_latency(config.emulation.latency, graph.edges).items())

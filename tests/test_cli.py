@@ -77,6 +77,11 @@ BAD_INPUTS = [
     (["--queue-mib", "nan"], "--queue-mib"),
     (["--max-lead-steps", "2", "--send-every", "4"], "must be >= the send interval 4"),
     (["--model", "mlp", "--hidden", "100000,100000"], "too large"),
+    (["-n", "4", "--partition", "0-2@1+1"], "link 0-2, which is not in the topology"),
+    (["-n", "4", "--partition", "0-1@1+1", "--partition", "7@1+1"], "nodes 0..3"),
+    (["--partition", "0-1@-2+1"], "start -2 s must be >= 0"),
+    (["--partition", "0-1@2+0"], "duration 0 s must be > 0"),
+    (["--partition", "0-1"], "U-V@START+DURATION"),
 ]
 
 
@@ -275,3 +280,18 @@ def test_divergence_is_a_named_failure(tmp_path, capsys, algorithm, named):
     )
     assert code == 1
     assert named in err and "lower --lr" in err and "Traceback" not in err
+
+
+def test_partition_flags_repeat_into_one_spec_and_round_trip():
+    from dasgd.cli import args_from_config, options_namespace
+
+    parser = build_parser()
+    args = parser.parse_args(["run", "--partition", "0-1@2+3", "--partition", "3@1+1"])
+    config = config_from_args(args)
+    assert config.emulation.partition == "0-1@2+3,3@1+1"
+    assert config_from_args(options_namespace("run", config)) == config
+    assert args_from_config(config)["partition"] == ["0-1@2+3,3@1+1"]
+    # the Python API's option takes one string (or a list) too
+    api = config_from_args(options_namespace("run", None, {"partition": "0-1@2+3"}))
+    assert api.emulation.partition == "0-1@2+3"
+    assert config_from_args(parser.parse_args(["run"])).emulation.partition == ""

@@ -8,10 +8,14 @@ from dasgd.core.emulation import (
     MAX_FACTOR,
     SLEEP_QUANTUM_S,
     ComputeTime,
+    Partitions,
     Slowdown,
     parse_compute_time,
     parse_latency,
+    parse_partition,
+    release_after,
     resolve_latency,
+    resolve_partition,
     resolve_slowdown,
 )
 from dasgd.errors import ConfigError
@@ -137,3 +141,74 @@ def test_compute_time_seeds_are_per_node():
 def test_bad_compute_time_specs(spec, message):
     with pytest.raises(ConfigError, match=message):
         parse_compute_time(spec)
+
+
+# -- partitions ---------------------------------------------------------------------
+
+RING4 = [(0, 1), (1, 2), (2, 3), (3, 0)]
+
+
+def test_partition_specs():
+    assert parse_partition("") == []
+    link, host = parse_partition("1-0@2+3, 3@0.5+1.5")
+    assert link == {"link": [0, 1], "start_s": 2.0, "end_s": 5.0}
+    assert host == {"node": 3, "start_s": 0.5, "end_s": 2.0}
+    assert resolve_partition("0-1@2+3,3@0+1", RING4, range(4)) == parse_partition("0-1@2+3,3@0+1")
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("0-1", "expected U-V@START"),
+        ("0-1@2", "expected U-V@START"),
+        ("@2+3", "expected U-V@START"),
+        ("0-1@-1+3", "start -1 s must be >= 0"),
+        ("0-1@1+0", "duration 0 s must be > 0"),
+        ("0-1@1+-2", "duration -2 s must be > 0"),
+        ("0-1@x+1", "'x' in '0-1@x\\+1' is not a number"),
+        ("0-1@1+inf", "must be finite"),
+        ("a-1@1+1", "must be a node id"),
+        ("1-1@1+1", "two different nodes"),
+    ],
+)
+def test_bad_partition_specs(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        EmulationConfig(partition=spec)
+
+
+def test_partition_naming_a_missing_node_or_link():
+    with pytest.raises(ConfigError, match=r"node 4 but the run has nodes 0..3 \(--partition\)"):
+        resolve_partition("4@1+1", RING4, range(4))
+    with pytest.raises(ConfigError, match=r"node 9 but the run has nodes 0..3"):
+        resolve_partition("0-9@1+1", RING4, range(4))
+    with pytest.raises(ConfigError, match=r"link 0-2, which is not in the topology; .*\[1, 3\]"):
+        resolve_partition("2-0@1+1", RING4, range(4))
+
+
+def test_partition_windows_per_directed_link():
+    cuts = Partitions(resolve_partition("0-1@2+3,3@1+2,1-0@4+2", RING4, range(4)))
+    assert cuts
+    assert not Partitions([])
+    # overlapping cuts of one link merge; both directions are cut
+    assert cuts.windows(0, 1) == cuts.windows(1, 0) == [(2.0, 6.0)]
+    # a host cut cuts every link of the host, in both directions, and no other
+    assert cuts.windows(3, 0) == cuts.windows(2, 3) == [(1.0, 3.0)]
+    assert cuts.windows(1, 2) == []
+    # touching windows merge too
+    assert Partitions(parse_partition("0-1@1+1,0-1@2+1")).windows(0, 1) == [(1.0, 3.0)]
+
+
+def test_release_after_is_the_first_time_outside_every_cut():
+    windows = [(1.0, 2.0), (3.0, 4.0)]
+    assert release_after(windows, 0.5) == 0.5
+    assert release_after(windows, 1.0) == 2.0  # [start, end): the start is inside
+    assert release_after(windows, 1.5) == 2.0
+    assert release_after(windows, 2.0) == 2.0  # the end is outside
+    assert release_after(windows, 3.9) == 4.0
+    assert release_after(windows, 5.0) == 5.0
+    assert release_after([], 1.5) == 1.5
+    ts = np.linspace(0, 5, 101)
+    released = [release_after(windows, t) for t in ts]
+    assert all(
+        b >= a for a, b in zip(released[:-1], released[1:], strict=True)
+    )  # monotone: FIFO kept

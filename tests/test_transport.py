@@ -12,6 +12,7 @@ import time
 import pytest
 import zmq
 
+from dasgd.core.emulation import Partitions, parse_partition
 from dasgd.errors import TransportError
 from dasgd.runtime.transport import Transport, inbox_address
 
@@ -361,6 +362,125 @@ def test_close_hands_over_due_and_drops_the_rest(transports, ipc_dir):
 
 
 # -- lifecycle ------------------------------------------------------------------
+
+
+# -- partitions (emulated cuts) ---------------------------------------------------------
+
+
+def cut_pair(transports, ipc_dir, spec, t0, **sender_kwargs):
+    """Node 0 -> node 1 with the cuts of ``spec`` on a run clock that started at ``t0``."""
+    a, b = pair(transports, ipc_dir, partitions=Partitions(parse_partition(spec)), **sender_kwargs)
+    a.start_run_clock(t0)
+    return a, b
+
+
+def test_cut_holds_messages_and_delivers_them_in_order_at_its_end(transports, ipc_dir):
+    t0 = time.monotonic()
+    a, b = cut_pair(transports, ipc_dir, "0-1@0.2+0.4", t0)
+    assert a.counters()["partition_held_msgs"] == 0
+    a.send(1, message(0))  # before the cut: at once
+    assert seq(recv_one(b, sender=a)[0]) == 0
+    wait_for(lambda: time.monotonic() - t0 >= 0.25, DEADLINE_S, "the cut")
+    n = 20
+    for i in range(1, n + 1):
+        a.send(1, message(i, 100))
+    assert a.delayed_msgs == n and a.msgs_out == 1
+    assert a.counters()["partition_held_msgs"] == n
+    assert a.flush() == 0  # held messages are on the wire: no backpressure
+    a.check_stalled(timeout_s=DEADLINE_S)
+    received = recv_n(b, n, sender=a)
+    assert [seq(frames) for frames, _ in received] == list(range(1, n + 1))
+    assert all(t - t0 >= 0.6 for _, t in received)  # nothing arrives during the cut
+    assert not a.has_pending
+    a.send(1, message(99))  # after the cut: at once again
+    assert seq(recv_one(b, sender=a)[0]) == 99
+    assert a.partition_held_msgs == n
+
+
+def test_cut_takes_effect_only_on_the_run_clock_and_only_on_its_link(transports, ipc_dir):
+    spec = "0-1@0+30"
+    a = transports(0, ipc(ipc_dir, 0), partitions=Partitions(parse_partition(spec)))
+    b = transports(1, ipc(ipc_dir, 1))
+    c = transports(2, ipc(ipc_dir, 2))
+    a.connect({1: b.address, 2: c.address})
+    a.send(1, message(0))  # the run clock has not started: no cut yet
+    assert seq(recv_one(b, sender=a)[0]) == 0
+    a.start_run_clock(time.monotonic())
+    a.send(1, message(1))
+    a.send(2, message(2))
+    assert seq(recv_one(c, sender=a)[0]) == 2
+    assert a.delayed_msgs == 1
+    assert 29 < a.next_due_s() <= 30  # held until the end of the cut
+    assert a.max_delay_s() > 29
+
+
+def test_cut_with_latency_holds_until_the_later_of_both(transports, ipc_dir):
+    t0 = time.monotonic()
+    a, b = cut_pair(transports, ipc_dir, "0-1@0+0.3", t0, latency_s={1: 0.1})
+    a.send(1, message(0))  # due at 0.1 s, inside the cut: released at 0.3 s
+    frames, t_recv = recv_one(b, sender=a)
+    assert t_recv - t0 >= 0.3
+    t_send = time.monotonic()
+    a.send(1, message(1))  # after the cut: the latency only
+    frames, t_recv = recv_one(b, sender=a)
+    assert seq(frames) == 1 and t_recv - t_send >= 0.1
+    assert a.partition_held_msgs == 1
+
+
+def test_a_host_cut_cuts_links_connected_later(transports, ipc_dir):
+    """A repair link to a cut host (connected after the clock started) is cut too."""
+    a = transports(0, ipc(ipc_dir, 0), partitions=Partitions(parse_partition("2@0+30")))
+    c = transports(2, ipc(ipc_dir, 2))
+    a.start_run_clock(time.monotonic())
+    a.connect({2: c.address})
+    a.send(2, message(5))
+    assert a.delayed_msgs == 1 and a.partition_held_msgs == 1
+    assert a.disconnect(2) == 1  # a dead neighbour's held messages are discarded
+
+
+def test_backlog_does_not_drain_during_a_cut(transports, ipc_dir):
+    """Messages refused before the cut stay in the backlog until it ends (a real link delivers nothing)."""
+    a = transports(
+        0, ipc(ipc_dir, 0), hwm_msgs=2, partitions=Partitions(parse_partition("0-1@0.3+0.5"))
+    )
+    t0 = time.monotonic()
+    a.start_run_clock(t0)
+    a.connect({1: ipc(ipc_dir, 1)})  # nobody bound yet: ZeroMQ queues exactly 2 messages
+    for i in range(5):
+        a.send(1, message(i))
+    assert a.msgs_out == 2 and a.backlog_msgs == 3
+    wait_for(lambda: time.monotonic() - t0 >= 0.35, DEADLINE_S, "the cut")
+    b = transports(1, ipc(ipc_dir, 1), hwm_msgs=2)  # the neighbour binds during the cut
+    got = []
+    while time.monotonic() - t0 < 0.7:
+        a.flush()
+        if b.poll(0.005):
+            while (frames := b.recv()) is not None:
+                got.append(seq(frames))
+    assert got == [0, 1]  # what ZeroMQ had taken before the cut; the backlog waited
+    assert a.backlog_msgs == 3
+    rest = recv_n(b, 3, sender=a)
+    assert [seq(frames) for frames, _ in rest] == [2, 3, 4]
+    assert all(t - t0 >= 0.8 for _, t in rest)
+
+
+def test_a_cut_is_backpressure_and_a_stall_once_it_holds_more_than_the_high_water_mark(
+    transports, ipc_dir
+):
+    t0 = time.monotonic()
+    a, b = cut_pair(transports, ipc_dir, "0-1@0+30", t0, hwm_msgs=3)
+    for i in range(3):  # up to the mark: a real link's queue takes them
+        a.send(1, message(i))
+    assert a.flush() == 0
+    t_over = time.monotonic()
+    a.check_stalled(timeout_s=0.0)  # cut, but not beyond the mark: no stall
+    for i in range(3, 5):
+        a.send(1, message(i))
+    assert a.flush() == 2  # beyond the mark: backpressure, as a refused send
+    a.check_stalled(timeout_s=0.3)  # over the mark for less than the timeout: survived
+    exc, t_raised = stall_time(a, timeout_s=0.3)
+    assert t_raised - t_over > 0.3
+    assert "neighbour 1" in str(exc) and "--partition" in str(exc)
 
 
 def test_bind_failure_names_the_address(transports):

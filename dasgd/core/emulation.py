@@ -34,6 +34,23 @@ Latency (per-link one-way delay in seconds; ``--latency``):
 The transport holds each outgoing message until its due time (a delay queue),
 so per-link order is kept. For parameter-server runs the links are
 ``worker-server`` with the server's id being ``n_nodes``.
+
+Partitions (links or hosts cut for a while; ``--partition``, repeatable, see
+:func:`parse_partition`):
+
+- ``"U-V@START+DURATION"``: the link U-V is cut, in both directions, from
+  run-clock time START seconds for DURATION seconds.
+- ``"NODE@START+DURATION"``: node NODE is cut from all its neighbours (a host
+  cut), in both directions.
+- Several items, comma-separated (or the flag repeated).
+
+A cut emulates a TCP link that is down and comes back: nothing is lost and
+nothing arrives during the cut. A message due to leave on a cut link (its
+send time plus the link's latency) is held by the sender and leaves, in
+order, when the cut ends (:meth:`Partitions.release_s`); the simulator
+delays its arrival the same way. Times are on the run clock (seconds since
+the launcher said start, the ``t_s`` of the logs; virtual seconds in a
+simulation).
 """
 
 from __future__ import annotations
@@ -47,12 +64,15 @@ from ..errors import ConfigError
 __all__ = [
     "MAX_FACTOR",
     "ComputeTime",
+    "Partitions",
     "Slowdown",
     "parse_bandwidth",
     "parse_compute_time",
     "parse_latency",
+    "parse_partition",
     "parse_slowdown",
     "resolve_latency",
+    "resolve_partition",
     "resolve_slowdown",
 ]
 
@@ -229,6 +249,160 @@ def resolve_latency(spec: str, links) -> dict[tuple[int, int], float]:
         if delay > 0:
             out[(u, v)] = out[(v, u)] = delay
     return out
+
+
+def parse_partition(spec: str) -> list[dict]:
+    """Check a partition spec's syntax (``--partition``).
+
+    Parameters
+    ----------
+    spec : str
+        ``""`` (no cut) or comma-separated items ``U-V@START+DURATION`` (the
+        link U-V) or ``NODE@START+DURATION`` (every link of NODE); START >= 0
+        and DURATION > 0 in seconds on the run clock.
+
+    Returns
+    -------
+    list of dict
+        One per item: ``{"link": [u, v]}`` (u < v) or ``{"node": k}``, with
+        ``"start_s"`` and ``"end_s"`` (run-clock seconds).
+
+    Raises
+    ------
+    ConfigError
+        Naming the bad item and the valid form.
+    """
+    flag = "--partition"
+    form = "U-V@START+DURATION (a link) or NODE@START+DURATION (a host), e.g. 0-1@2+3"
+    cuts = []
+    spec = spec.strip()
+    if not spec:
+        return cuts
+    for item in spec.split(","):
+        item = item.strip()
+        what, at, when = item.partition("@")
+        start, plus, duration = when.partition("+")
+        if not (at and plus and what):
+            raise ConfigError(f"partition {item!r}: expected {form} ({flag})")
+        start_s = _number(start, "start", item, flag)
+        duration_s = _number(duration, "duration", item, flag)
+        if start_s < 0:
+            raise ConfigError(f"partition {item!r}: start {start_s:g} s must be >= 0 ({flag})")
+        if duration_s <= 0:
+            raise ConfigError(f"partition {item!r}: duration {duration_s:g} s must be > 0 ({flag})")
+        u, dash, v = what.partition("-")
+        if dash:
+            a, b = _node(u, item, flag), _node(v, item, flag)
+            if a == b:
+                raise ConfigError(f"partition {item!r}: a link joins two different nodes ({flag})")
+            cut = {"link": [min(a, b), max(a, b)]}
+        else:
+            cut = {"node": _node(what, item, flag)}
+        cuts.append({**cut, "start_s": start_s, "end_s": start_s + duration_s})
+    return cuts
+
+
+def resolve_partition(spec: str, links, nodes) -> list[dict]:
+    """The cuts of a partition spec, checked against the run's topology.
+
+    Parameters
+    ----------
+    spec : str
+        A :func:`parse_partition` spec.
+    links : iterable of (int, int)
+        The undirected links of the run (topology edges, or worker-server pairs).
+    nodes : iterable of int
+        The node ids of the run.
+
+    Returns
+    -------
+    list of dict
+        As :func:`parse_partition`.
+
+    Raises
+    ------
+    ConfigError
+        If the spec is malformed, names a node that is not in the run or a
+        link that is not in the topology.
+    """
+    cuts = parse_partition(spec)
+    ids = sorted(nodes)
+    valid = f"0..{ids[-1]}" if ids == list(range(len(ids))) else str(ids)
+    undirected = {(min(u, v), max(u, v)) for u, v in links}
+    for cut in cuts:
+        named = cut["link"] if "link" in cut else [cut["node"]]
+        for k in named:
+            if k not in ids:
+                raise ConfigError(
+                    f"partition names node {k} but the run has nodes {valid} (--partition)"
+                )
+        if "link" in cut and tuple(cut["link"]) not in undirected:
+            u, v = cut["link"]
+            raise ConfigError(
+                f"partition names link {u}-{v}, which is not in the topology; node {u}'s "
+                f"links go to {sorted(b if a == u else a for a, b in undirected if u in (a, b))} "
+                "(--partition)"
+            )
+    return cuts
+
+
+class Partitions:
+    """When each directed link is cut; no clock (times are run-clock seconds).
+
+    Parameters
+    ----------
+    cuts : list of dict
+        From :func:`resolve_partition` (or ``meta.json``'s ``emulation.partition``).
+
+    Notes
+    -----
+    A node cut (``{"node": k}``) cuts every link of k, including links made
+    later (a repair link after a node failure).
+    """
+
+    def __init__(self, cuts=()) -> None:
+        self.cuts = [dict(c) for c in cuts]
+
+    def __bool__(self) -> bool:
+        return bool(self.cuts)
+
+    def windows(self, src: int, dst: int) -> list[tuple[float, float]]:
+        """The cut intervals ``[(start_s, end_s)]`` of link src -> dst, sorted and merged."""
+        spans = []
+        for cut in self.cuts:
+            if "link" in cut:
+                hit = sorted((src, dst)) == cut["link"]
+            else:
+                hit = cut["node"] in (src, dst)
+            if hit:
+                spans.append((float(cut["start_s"]), float(cut["end_s"])))
+        return merge_windows(spans)
+
+    def release_s(self, src: int, dst: int, t_s: float) -> float:
+        """The first time >= ``t_s`` at which link src -> dst is not cut (run clock, seconds)."""
+        return release_after(self.windows(src, dst), t_s)
+
+
+def merge_windows(spans) -> list[tuple[float, float]]:
+    """Sorted, overlapping or touching ``(start, end)`` intervals merged into disjoint ones."""
+    merged: list[tuple[float, float]] = []
+    for start, end in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def release_after(windows, t: float) -> float:
+    """The first time >= ``t`` outside every ``[start, end)`` of sorted, disjoint ``windows``.
+
+    Monotone in ``t``, so a FIFO of due times stays a FIFO of release times.
+    """
+    for start, end in windows:
+        if start <= t < end:
+            return end
+    return t
 
 
 class Slowdown:

@@ -9,6 +9,9 @@ directions. The kernel here has no netem: latency is emulated inside dasgd
 (``--latency``), not here.
 
 Commands run inside a host with :meth:`EmulatedHosts.command` (``ip netns exec``).
+A host's link is cut and restored with :meth:`EmulatedHosts.set_link_up` (its
+port on the bridge goes down: a real partition, TCP retransmits when it is
+back; ``--partition`` emulates the same inside dasgd without root).
 """
 
 from __future__ import annotations
@@ -91,7 +94,7 @@ class EmulatedHosts:
             _ip("netns", "add", name)
             self._made.append(name)
             _ip("-n", name, "link", "set", "lo", "up")
-            port = f"{self.tag}p{k}"
+            port = self.port(k)
             _ip(
                 "-n", name, "link", "add", "eth0", "type", "veth", "peer", "name", port, "netns", sw
             )
@@ -125,6 +128,37 @@ class EmulatedHosts:
                         capture_output=True,
                         timeout=30,
                     )
+
+    def port(self, k: int) -> str:
+        """The name of host ``k``'s port on the bridge (in the switch namespace)."""
+        return f"{self.tag}p{k}"
+
+    def set_link_up(self, k: int, up: bool) -> None:
+        """Cut (``up=False``) or restore host ``k``'s link to the bridge.
+
+        The host's port on the bridge goes down (``ip link set PORT down`` in the
+        switch namespace): nothing crosses in either direction, the host's own
+        interface and addresses stay as they are, and TCP connections survive
+        a cut shorter than their retransmission limit (minutes).
+
+        Raises
+        ------
+        subprocess.CalledProcessError
+            If ``ip`` fails.
+        """
+        _ip("-n", self.switch, "link", "set", self.port(k), "up" if up else "down")
+
+    def link_is_up(self, k: int) -> bool:
+        """True if host ``k``'s port on the bridge is administratively up."""
+        out = subprocess.run(
+            ["ip", "-n", self.switch, "-o", "link", "show", self.port(k)],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout
+        flags = out.split("<", 1)[1].split(">", 1)[0].split(",")
+        return "UP" in flags
 
     def command(self, k: int, argv: list[str]) -> list[str]:
         """``argv`` run inside host ``k``'s namespace."""

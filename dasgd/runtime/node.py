@@ -33,6 +33,7 @@ from ..build import build_machine, build_recorder, is_server
 from ..config import RunConfig, run_config_from_dict
 from ..core import wire
 from ..core.actions import CONTINUE, DONE, WAIT_BACKLOG, WAIT_DRAIN, WAIT_LEAD, WAIT_STATE
+from ..core.emulation import Partitions
 from ..core.node import DasgdNode
 from ..core.protocol import adjacency_sets
 from ..core.ps import PSServer
@@ -543,7 +544,7 @@ class Driver:
         deadline = (
             time.monotonic()
             + min(self.config.transport.send_timeout_s, 5.0)
-            + max(transport.latency_s.values(), default=0.0)
+            + transport.max_delay_s()  # latency, or an emulated cut (--partition)
         )
         while transport.has_pending and time.monotonic() < deadline and not self.stop_requested:
             transport.flush()
@@ -719,6 +720,7 @@ def node_main(run_dir: str, node_id: int, control_address: str) -> int:
             curve=curve,
             key_name=lambda i: process_name(config, i),
             latency_s={int(v): delays[f"{u}-{v}"] for u, v in links if int(u) == node_id},
+            partitions=Partitions(meta["emulation"].get("partition", ())),
             hwm_msgs=queue_limit_msgs(tc, message_bytes),
             max_message_bytes=message_bytes + wire.MAX_HEADER_BYTES + 4096,
         )
@@ -741,6 +743,7 @@ def node_main(run_dir: str, node_id: int, control_address: str) -> int:
         # the run clock: seconds since the launcher said start, the same in every process
         t0_unix_s = float(start.get("t0_unix_s", time.time()))
         t0 = time.monotonic() - (time.time() - t0_unix_s)
+        transport.start_run_clock(t0)  # emulated cuts (--partition) are on the run clock
         recorder = build_recorder(config, node_id, machine, run_dir, meta["shard_sizes"], t0=t0)
         if recorder is not None:
             if evaluator is not None:

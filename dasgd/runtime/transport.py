@@ -23,6 +23,22 @@ on the same link), so a caller with delayed messages calls :meth:`flush` while
 :attr:`Transport.has_pending` and bounds its waits by :meth:`Transport.next_due_s`.
 A link without delay costs one dict lookup per send and nothing else.
 
+Emulated partitions (``--partition``; :class:`~dasgd.core.emulation.Partitions`)
+use the same delay queues: once :meth:`Transport.start_run_clock` has given the
+run clock's origin, a message on a link that is cut when it is due (its send
+time plus the link's latency) is held in the link's delay queue until the cut
+ends (:func:`~dasgd.core.emulation.release_after`), and the link's backlog is
+not handed to ZeroMQ during a cut either: a cut TCP link loses nothing, keeps
+the order, and delivers nothing while it is down. Messages ZeroMQ took just
+before the cut began still arrive (as bytes already in a real link's socket
+buffers would). As on a real link, where ZeroMQ queues up to its
+high-water mark and then refuses, held messages beyond ``hwm_msgs`` count as
+backlog (:meth:`Transport.flush`'s return: backpressure) and, from the moment
+they exceed it, towards :meth:`Transport.check_stalled`: a cut shorter than
+the send timeout is survived; a longer one that holds more than ``hwm_msgs``
+messages is reported as a neighbour that accepts nothing, as a real
+partition would be.
+
 Addresses are ``ipc://DIR/node-<id>`` or ``tcp://HOST:PORT``; with port 0 the
 operating system picks a free port and :meth:`Transport.start` returns the
 address actually bound, which the launcher hands to the neighbours.
@@ -36,6 +52,7 @@ from collections import deque
 
 import zmq
 
+from ..core.emulation import release_after
 from ..errors import TransportError
 
 __all__ = ["Transport", "inbox_address"]
@@ -87,6 +104,9 @@ class Transport:
     latency_s : dict of int to float, optional
         Emulated one-way delay in seconds per destination neighbour id; a
         neighbour that is absent or has 0 gets no delay.
+    partitions : dasgd.core.emulation.Partitions, optional
+        Emulated cuts of this node's links, on the run clock; they take
+        effect once :meth:`start_run_clock` is called.
     curve : dasgd.runtime.security.CurveKeys, optional
         Encrypt every link with CurveZMQ: the inbox accepts only clients with a
         public key of the run (handshakes refused are counted as
@@ -122,6 +142,7 @@ class Transport:
         max_message_bytes: int = -1,
         linger_s: float = 5.0,
         latency_s: dict[int, float] | None = None,
+        partitions=None,
         curve=None,
         key_name=None,
     ) -> None:
@@ -138,6 +159,15 @@ class Transport:
         self.max_message_bytes = max_message_bytes
         self.linger_s = linger_s
         self.latency_s = latency_s
+        self.partitions = partitions
+        # the run clock's origin on time.monotonic's clock (start_run_clock); None: no cuts yet
+        self._t0: float | None = None
+        # links with a cut only: neighbour -> sorted disjoint [(start, end)] on time.monotonic
+        self._cuts: dict[int, list[tuple[float, float]]] = {}
+        # cut links holding more than hwm_msgs messages: neighbour -> since when (monotonic)
+        self._over_since: dict[int, float] = {}
+        #: messages a cut held (their release came later than their due time)
+        self.partition_held_msgs = 0
         self.address: str | None = None
         self._ctx: zmq.Context | None = None
         self._inbox: zmq.Socket | None = None
@@ -221,6 +251,38 @@ class Transport:
             delay_s = self.latency_s.get(node, 0.0)
             if delay_s > 0:
                 self._delayed[node] = (delay_s, deque())
+            if self._t0 is not None:
+                self._arm(node)
+
+    def start_run_clock(self, t0: float) -> None:
+        """Give the run clock's origin (on :func:`time.monotonic`): the emulated cuts take effect.
+
+        Parameters
+        ----------
+        t0 : float
+            ``time.monotonic()`` at run-clock time 0 (the launcher's start).
+        """
+        self._t0 = t0
+        for node in self._out:
+            self._arm(node)
+
+    def _arm(self, to: int) -> None:
+        """Schedule the cuts of the link to ``to`` (it then goes through a delay queue)."""
+        if not self.partitions:
+            return
+        windows = self.partitions.windows(self.node_id, to)
+        if not windows:
+            return
+        self._cuts[to] = [(self._t0 + a, self._t0 + b) for a, b in windows]
+        if to not in self._delayed:
+            self._delayed[to] = (0.0, deque())
+
+    def _cut_since(self, to: int, now: float) -> float | None:
+        """When the cut of the link to ``to`` in force at ``now`` began; None if it is not cut."""
+        for start, end in self._cuts.get(to, ()):
+            if start <= now < end:
+                return start
+        return None
 
     def disconnect(self, node: int) -> int:
         """Drop a dead neighbour: close its socket at once and discard what waits for it.
@@ -242,6 +304,8 @@ class Transport:
         if link is not None:
             dropped += len(link[1])
         self._last_progress.pop(node, None)
+        self._cuts.pop(node, None)
+        self._over_since.pop(node, None)
         sock = self._out.pop(node, None)
         if sock is not None:
             sock.close(linger=0)
@@ -306,10 +370,22 @@ class Transport:
         if link is not None:
             now = time.monotonic()
             queue = link[1]
-            if queue and queue[0][0] <= now:
+            due = now + link[0]
+            cuts = self._cuts.get(to)
+            if cuts:
+                released = release_after(cuts, due)
+                if released > due:
+                    self.partition_held_msgs += 1
+                    if (
+                        to not in self._over_since
+                        and len(queue) + len(self._backlog[to]) >= self.hwm_msgs
+                    ):
+                        self._over_since[to] = now  # a real link's queue would refuse it
+                due = released
+            queue.append((due, frames))
+            if queue[0][0] <= now:
                 self._release_due(to, queue, now)
                 self._drain(to, self._backlog[to])
-            queue.append((now + link[0], frames))
             return
         backlog = self._backlog[to]
         if backlog:
@@ -329,6 +405,8 @@ class Transport:
         return True
 
     def _drain(self, to: int, backlog: deque) -> None:
+        if self._cuts and backlog and self._cut_since(to, time.monotonic()) is not None:
+            return  # a cut link delivers nothing; its backlog waits for the end of the cut
         while backlog and self._try_send(to, backlog[0]):
             backlog.popleft()
 
@@ -349,7 +427,9 @@ class Transport:
         -------
         int
             Messages still waiting in all backlogs (refused by ZeroMQ); messages
-            still inside their delay are not counted.
+            still inside their delay are not counted, nor those a cut holds
+            unless they exceed the high-water mark (a real link's queue would
+            refuse those).
         """
         if self._delayed:
             now = time.monotonic()
@@ -360,6 +440,15 @@ class Transport:
         for to, backlog in self._backlog.items():
             self._drain(to, backlog)
             waiting += len(backlog)
+        if self._over_since:
+            now = time.monotonic()
+            for to in list(self._over_since):
+                held = len(self._delayed[to][1]) + len(self._backlog[to])
+                if self._cut_since(to, now) is None or held <= self.hwm_msgs:
+                    del self._over_since[to]
+                else:
+                    # the link counts as max(backlog, held beyond the mark): add the difference
+                    waiting += max(0, held - self.hwm_msgs - len(self._backlog[to]))
         return waiting
 
     @property
@@ -384,6 +473,20 @@ class Transport:
         """True while a backlog or a delay queue holds a message: keep calling :meth:`flush`."""
         return any(self._backlog.values()) or any(queue for _, queue in self._delayed.values())
 
+    def max_delay_s(self) -> float:
+        """The longest a message sent now, or one already delayed, may still be held, in seconds.
+
+        The largest link latency, or longer while an emulated cut holds
+        messages (until the last of them is due).
+        """
+        longest = max(self.latency_s.values(), default=0.0)
+        if self._cuts:
+            now = time.monotonic()
+            for _, queue in self._delayed.values():
+                if queue:
+                    longest = max(longest, queue[-1][0] - now)
+        return longest
+
     def wait_cap_s(self, cap_s: float) -> float:
         """``cap_s``, shortened so that a wait ends when the next delayed message is due."""
         due = self.next_due_s()
@@ -404,7 +507,11 @@ class Transport:
 
         The clock of a neighbour runs from the later of its last accepted
         message and the moment its backlog became non-empty; time a message
-        spends inside its emulated delay does not count.
+        spends inside its emulated delay does not count. On a link inside an
+        emulated cut holding more than ``hwm_msgs`` messages, it runs from the
+        later of its last accepted message and the moment the held messages
+        exceeded the high-water mark (when a real link's queue would have
+        begun to refuse them).
 
         Raises
         ------
@@ -417,6 +524,17 @@ class Transport:
                 raise TransportError(
                     f"node {self.node_id}: neighbour {to} accepted no message for "
                     f"{now - self._last_progress[to]:.1f} s ({len(backlog)} waiting); is it alive?"
+                )
+        for to, over_since in self._over_since.items():
+            if self._cut_since(to, now) is None:
+                continue
+            held = len(self._backlog[to]) + len(self._delayed[to][1])
+            since = max(over_since, self._last_progress[to])
+            if now - since > timeout_s:
+                raise TransportError(
+                    f"node {self.node_id}: neighbour {to} accepted no message for "
+                    f"{now - since:.1f} s ({held} waiting; the link is cut by --partition "
+                    "for longer than --send-timeout-s)"
                 )
 
     # -- receiving ----------------------------------------------------------
@@ -461,7 +579,7 @@ class Transport:
             "bytes_out": self.bytes_out,
             "backlog_msgs": self.backlog_msgs,
             "delayed_msgs": self.delayed_msgs,
-        }
+        } | ({"partition_held_msgs": self.partition_held_msgs} if self.partitions else {})
 
 
 def _nbytes(frame) -> int:

@@ -19,7 +19,10 @@ are real, so loss curves are real; time is modelled:
   messages, exactly as in the runtime (the machines decide it).
 - **A link** is a FIFO with the latency of ``--latency`` and a transfer time of
   size / ``--bandwidth``; a node's uplink is shared by all its outgoing
-  messages (the parameter server's is the one that saturates first).
+  messages (the parameter server's is the one that saturates first). A link
+  cut by ``--partition`` holds a message due during the cut until the cut
+  ends, as the runtime's transport does (nothing lost, order kept); the
+  simulator has no silence deadlines, so a cut of any length only delays.
 - **Randomness**: every node's draws come from its own generators seeded from
   the run seed and its id (as in the runtime), so a simulation is
   deterministic: same configuration and seed, same result, bit for bit.
@@ -70,6 +73,7 @@ from ..analysis.metrics import Evaluator, EventLog
 from ..build import build_machine, build_recorder, build_run_model, is_server
 from ..config import RunConfig
 from ..core.actions import CONTINUE, DONE, WAIT_BACKLOG, WAIT_DRAIN, WAITS
+from ..core.emulation import Partitions, release_after
 from ..core.failures import CHILD_POLL_S, derive_fin, repair_links
 from ..core.node import DasgdNode
 from ..core.protocol import adjacency_sets, lag_sampled
@@ -311,6 +315,8 @@ class Simulation:
         for key, d in latency.items():
             u, v = key.split("-")
             self.latency_s[(int(u), int(v))] = d
+        self.partitions = Partitions(meta["emulation"].get("partition", ()))
+        self._cut_windows: dict[tuple[int, int], list] = {}  # per directed link, on demand
         bw = config.sim.bandwidth_bps
         self.byte_time_s = 8.0 / bw if bw else 0.0
         self.message_bytes = config.sim.message_bytes
@@ -436,6 +442,8 @@ class Simulation:
                     node.uplink_queue.append((node.uplink_free, size))
                     node.uplink_bytes += size
                 arrive = node.uplink_free + self.latency_s.get((node.id, to), 0.0)
+                if self.partitions:
+                    arrive = self._after_cuts(node.id, to, arrive)
                 node.msgs_out += 1
                 node.bytes_out += size
                 self._push(arrive, _ARRIVE, to, message)
@@ -443,6 +451,13 @@ class Simulation:
                     node.sent.append((node.uplink_free, self._seq))
                 self.messages += 1
         return cost
+
+    def _after_cuts(self, src: int, dst: int, t: float) -> float:
+        """When a message due at ``t`` on link src -> dst arrives: after any cut (--partition)."""
+        windows = self._cut_windows.get((src, dst))
+        if windows is None:
+            windows = self._cut_windows[(src, dst)] = self.partitions.windows(src, dst)
+        return release_after(windows, t) if windows else t
 
     # -- one node ------------------------------------------------------------------
     def _poke(self, node: _Node, t: float) -> None:
