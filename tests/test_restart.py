@@ -284,3 +284,12 @@ def test_the_analysis_drops_lost_gradients_and_imputes_unlogged_ones():
     )
     V = version_vectors(out, applies, [0], 2, np.array([0.5, 1.5, 2.5]), {0: [(2.0, [5, 4])]})
     assert V[:, 0, :].tolist() == [[3, 0], [5, 0], [7, 4]]  # own steps; the state's vector after
+
+
+def test_a_repair_link_to_a_node_that_died_meanwhile_is_not_made():
+    # ring 0-1-2-3: 0 and 1 die at once; node 3 hears of 1 first (a neighbour's have),
+    # then the launcher's news of 0 with the repair link 1-3
+    node = small_node(3, [0, 2], 4, 1 << 20)
+    node.node_failed(1)
+    node.node_failed(0, links=[1])
+    assert node.protocol.neighbours == (2,)

@@ -469,7 +469,8 @@ class DasgdNode:
         protocol = self.protocol
         protocol.node_failed(node)
         for u in links:
-            protocol.add_neighbour(u)
+            if u not in protocol.failed:  # one that died meanwhile (two deaths at once): no link
+                protocol.add_neighbour(u)
         self.neighbours = list(protocol.neighbours)
         self._joins.pop(node, None)
         if self.phase == "joining":  # no state yet: nothing to repair; a dead donor is replaced

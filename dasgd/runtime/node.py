@@ -355,6 +355,8 @@ class Driver:
         self.failed_nodes.append(node)
         self.transport.disconnect(node)
         if isinstance(self.machine, DasgdNode):
+            # a repair link to a node that died meanwhile (two deaths at once) is not made
+            links = [u for u in links if u not in self.machine.protocol.failed and u != node]
             if links:
                 self.transport.connect({u: addresses[u] for u in links})
             outs = handler(node, links)
