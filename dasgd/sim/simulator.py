@@ -329,8 +329,10 @@ class Simulation:
         if self.kills and not ps:
             self.overlay = {k: set(topology_neighbours(graph, k)) for k in graph}
         self._cancelled: set[int] = set()  # seqs of arrivals lost with their dead sender
-        self._awaiting: dict[int, dict[int, dict]] = {}  # dead node -> {survivor: held}
+        # dead node -> ({survivor: held}, running survivors yet to report)
+        self._awaiting: dict[int, tuple[dict[int, dict], set[int]]] = {}
         self._told_finished: set[int] = set()
+        self._to_detect: dict[float, list[tuple[int, float]]] = {}  # check time -> (node, killed)
         # every node keeps recent deltas for the anti-entropy after a failure, as real nodes do
         store_bytes = int(config.delta_store_mib * 2**20) if self.kills else 0
         self.nodes: list[_Node] = []
@@ -720,18 +722,28 @@ class Simulation:
         if kind == _KILL:
             self._kill(self.nodes[i], t)
         elif kind == _DETECT:
-            self._detect(i, t, data)
+            # the launcher's check goes through its children in id order, as check_children
+            for node_id, killed_s in sorted(self._to_detect.pop(t)):
+                self._detect(node_id, t, killed_s)
         elif kind == _REPORT:
             dead, held = data
             if dead in self._awaiting:
-                self._awaiting[dead][i] = held
+                reports, missing = self._awaiting[dead]
+                reports[i] = held
+                missing.discard(i)
                 self._settle(t)
         else:  # _EXIT
             node = self.nodes[i]
             node.exited = True
             if self.failures and self.config.algorithm == "dasgd" and i not in self._told_finished:
                 self._tell_finished(i, t)
-            self._settle(t)
+            self._gone(i, t)
+
+    def _gone(self, i: int, t: float) -> None:
+        """Node i stopped running (died or exited): no report is awaited from it."""
+        for _, missing in self._awaiting.values():
+            missing.discard(i)
+        self._settle(t)
 
     def _kill(self, node: _Node, t: float) -> None:
         """Node's process dies at ``t``: what has left its uplink arrives, the rest is lost."""
@@ -751,7 +763,11 @@ class Simulation:
         log.flush()
         if node.events is not None:
             node.events.flush()
-        self._push(_next_poll_s(t), _DETECT, node.id, t)
+        check_s = _next_poll_s(t)
+        if check_s not in self._to_detect:
+            self._to_detect[check_s] = []
+            self._push(check_s, _DETECT, -1)
+        self._to_detect[check_s].append((node.id, t))
 
     def _alive(self) -> list[int]:
         """Processes running as the launcher sees them: not dead, not exited (server included)."""
@@ -766,10 +782,16 @@ class Simulation:
             self._poke(node, t)
 
     def _tell_finished(self, i: int, t: float) -> None:
+        """Node i exited after a failure: its neighbours stop awaiting its ``complete``.
+
+        The real launcher tells every process; only i's neighbours in the
+        current overlay (repair links included) act on it, so only they are told.
+        """
         self._told_finished.add(i)
-        for j in self._alive():
-            if j != i:
-                self._tell(self.nodes[j], t, ("finished", i))
+        for j in sorted(self.overlay.get(i, ())):
+            node = self.nodes[j]
+            if not node.dead and not node.exited:
+                self._tell(node, t, ("finished", i))
 
     def _detect(self, i: int, t: float, killed_s: float) -> None:
         """The launcher sees node i dead at ``t``: record it, repair, tell every survivor."""
@@ -799,7 +821,7 @@ class Simulation:
             with (self.run_dir / "topology-changes.jsonl").open("a") as f:
                 f.write(json.dumps(change) + "\n")
             self.failures[i]["added_edges"] = links
-            self._awaiting[i] = {}
+            self._awaiting[i] = ({}, {j for j in self._alive() if j < config.n_nodes})
         self._write_failures()
         for j in self._alive():
             node = self.nodes[j]
@@ -811,20 +833,19 @@ class Simulation:
             for node in self.nodes:
                 if node.exited and node.id not in self._told_finished:
                     self._tell_finished(node.id, t)
-        self._settle(t)
+        self._gone(i, t)  # its own reports on earlier failures will never come
 
     def _settle(self, t: float) -> None:
         """The derived ``fin`` of each dead node every running survivor reported on."""
         for dead in list(self._awaiting):
-            reports = self._awaiting[dead]
-            alive = self._alive()
-            if not set(alive) <= set(reports):
+            reports, missing = self._awaiting[dead]
+            if missing:
                 continue
             del self._awaiting[dead]
             deltas, steps = derive_fin(list(reports.values()), self.config.train.send_every)
             self.failures[dead]["fin"] = {"deltas": deltas, "steps": steps, "reports": len(reports)}
             self._write_failures()
-            for j in alive:
+            for j in self._alive():
                 self._tell(self.nodes[j], t, ("fin_of", dead, deltas, steps))
 
     def _failure_record(self, i: int, detected_s: float, killed_s: float, reason: str) -> dict:
