@@ -387,3 +387,20 @@ def test_a_store_too_small_to_repair_times_the_drain_out_and_says_so(tmp_path, c
     timeouts = read_events(run_dir / "node-0.jsonl", "drain_timeout")
     assert timeouts and timeouts[0]["waited_s"] == 5
     assert read_events(run_dir / "node-0.jsonl", "final")[0]["drained"] is False
+
+
+def test_with_kills_the_delta_stores_count_in_the_memory_check(tmp_path, capsys, monkeypatch):
+    from dasgd.sim import simulator
+
+    # pretend a 4 GiB machine: 300 nodes x 16 MiB of stores (4.7 GiB) do not fit, 1 MiB do
+    monkeypatch.setattr(simulator, "_machine_memory_bytes", lambda: 4 << 30)
+    out_dir = str(tmp_path / "runs")
+    code = main(["simulate", "-q", "-n", "300", "--kill", "1@0.1", "--out-dir", out_dir])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "16 MiB of stored deltas per node" in err[0]
+    assert "--delta-store-mib" in err[0] and not (tmp_path / "runs").exists()
+    with_store = simulator.estimate_memory_bytes(
+        kill_config(tmp_path, ["1@0.1"], n=300, delta_store_mib=1.0), 0, 300
+    )
+    without = simulator.estimate_memory_bytes(kill_config(tmp_path, [], n=300), 0, 300)
+    assert with_store - without == 300 * 2**20

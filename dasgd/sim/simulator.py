@@ -254,14 +254,18 @@ def estimate_memory_bytes(config: RunConfig, n_params: int, n_nodes: int, n_edge
 
     DASGD: 48 n^2 bytes (per node, 6 vectors of n int32 and 3 of n int64;
     measured), about :data:`EDGE_BYTES` per edge (graph, adjacency sets,
-    per-edge statistics) and about 6 model-sized buffers per node. PS: model
-    buffers only. Messages in flight come on top (see the module docstring).
+    per-edge statistics) and about 6 model-sized buffers per node; with
+    kills (``config.sim.kills``), each node's delta store at its full
+    ``--delta-store-mib`` (deltas and their base vectors fill it in any
+    run of many nodes). PS: model buffers only. Messages in flight come on
+    top (see the module docstring).
     """
     itemsize = np.dtype(config.model.dtype).itemsize
     models = (n_nodes + 1) * 6 * n_params * itemsize
     if config.algorithm != "dasgd":
         return models
-    return 48 * n_nodes * n_nodes + EDGE_BYTES * n_edges + models
+    stores = n_nodes * int(config.delta_store_mib * 2**20) if config.sim.kills else 0
+    return 48 * n_nodes * n_nodes + EDGE_BYTES * n_edges + models + stores
 
 
 def _machine_memory_bytes() -> int:
@@ -1078,9 +1082,17 @@ def _check_memory(config: RunConfig) -> None:
         need = estimate_memory_bytes(config, 0, n, n_edges)
     n = n or 4
     if need > MEMORY_FRACTION * have:
+        stores = config.sim.kills and config.algorithm == "dasgd"
         raise ConfigError(
             f"a simulation of {n} {'DASGD nodes' if config.algorithm == 'dasgd' else 'workers'} "
             f"with {n_edges} edges needs about {need / 2**30:.1f} GiB (48 n^2 bytes of version "
-            f"vectors and ~{EDGE_BYTES} bytes per edge), more than {MEMORY_FRACTION:.0%} of this "
-            f"machine's {have / 2**30:.1f} GiB: use fewer nodes (-n) or a sparser topology"
+            f"vectors and ~{EDGE_BYTES} bytes per edge"
+            + (
+                f", {config.delta_store_mib:g} MiB of stored deltas per node with --kill"
+                if stores
+                else ""
+            )
+            + f"), more than {MEMORY_FRACTION:.0%} of this machine's {have / 2**30:.1f} GiB: use "
+            "fewer nodes (-n) or a sparser topology"
+            + (" or a smaller --delta-store-mib" if stores else "")
         )
