@@ -294,6 +294,14 @@ def test_simulate_kill_from_the_command_line(tmp_path, capsys):
     assert "node 4 failed" in capsys.readouterr().out
     replay = options_namespace("simulate", str(run_dir))
     assert sim_config_from_args(replay).kills == ((2, 0.05), (4, 0.1))
+    # and the Python API: a dead node's row of the models is NaN, the average the survivors'
+    import dasgd
+
+    result = dasgd.load_run(run_dir)
+    assert result.models.shape[0] == 5 and len(result.finals) == 3
+    assert np.isnan(result.models[[2, 4]]).all() and not np.isnan(result.models[[0, 1, 3]]).any()
+    survivors = np.mean([np.load(run_dir / f"node-{i}.npy") for i in (0, 1, 3)], axis=0)
+    np.testing.assert_allclose(result.average_model, survivors, rtol=1e-12)
 
 
 def test_stop_policy_ends_the_simulation_naming_the_node(tmp_path, capsys):
