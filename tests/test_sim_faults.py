@@ -294,6 +294,18 @@ def test_simulate_kill_from_the_command_line(tmp_path, capsys):
     assert "node 4 failed" in capsys.readouterr().out
     replay = options_namespace("simulate", str(run_dir))
     assert sim_config_from_args(replay).kills == ((2, 0.05), (4, 0.1))
+    out_dir = str(tmp_path / "replays")
+    assert main(["simulate", "-q", "--config", str(run_dir), "--out-dir", out_dir]) == 0
+    (again,) = (tmp_path / "replays").iterdir()
+    assert [f["node"] for f in json.loads((again / "failures.json").read_text())] == [2, 4]
+    out_dir = str(tmp_path / "replaced")
+    code = main(
+        ["simulate", "-q", "--config", str(run_dir), "--kill", "1@0.05", "--out-dir", out_dir]
+    )
+    assert code == 0  # an explicit --kill replaces the config's kills
+    (replaced,) = (tmp_path / "replaced").iterdir()
+    assert [f["node"] for f in json.loads((replaced / "failures.json").read_text())] == [1]
+    capsys.readouterr()
     # and the Python API: a dead node's row of the models is NaN, the average the survivors'
     import dasgd
 
