@@ -248,6 +248,10 @@ class _SimLog(EventLog):
     def close(self) -> None:
         self.flush()
 
+    def truncate_after(self, t_s: float) -> None:
+        """Drop the buffered records later than ``t_s`` (a killed process never wrote them)."""
+        self._buffer[:] = [line for line in self._buffer if json.loads(line)["t_s"] <= t_s]
+
 
 def estimate_memory_bytes(config: RunConfig, n_params: int, n_nodes: int, n_edges: int = 0) -> int:
     """Bytes a simulation needs, roughly: version-vector bookkeeping, edges and model buffers.
@@ -668,52 +672,56 @@ class Simulation:
         self.truncated = False
         next_refresh = 0.0
         cancelled = self._cancelled
-        while heap:
-            t, seq, kind, i, data = pop(heap)
-            self.events += 1
-            if kind > _WAKE:
-                self._failure_event(t, kind, i, data)
-                continue
-            node = nodes[i]
-            if cancelled and seq in cancelled:  # its sender died before it left
-                cancelled.discard(seq)
-                continue
-            if node.dead:
-                if kind == _ARRIVE:
-                    nodes[data[0].sender].msgs_to_failed += 1
-                continue
-            if kind == _ARRIVE:
-                node.inbox.append(data)
-                node.msgs_in += 1
-                node.bytes_in += data[2]
-            elif node.scheduled == t:
-                node.scheduled = -1.0
-            if t < node.busy_until:
-                continue  # its wake-up at busy_until comes
-            self._poke(node, t)
-            if self.events >= next_bar:
-                next_bar = self.events + 5000
-                now_real = time.perf_counter()
-                if deadline is not None and now_real > deadline:
-                    self.truncated = True
-                    break
-                if bar is None or now_real < next_refresh:
+        try:  # a failure under --on-node-failure stop ends the loop with NodeFailed
+            while heap:
+                t, seq, kind, i, data = pop(heap)
+                self.events += 1
+                if kind > _WAKE:
+                    self._failure_event(t, kind, i, data)
                     continue
-                next_refresh = now_real + 0.5
-                bar.n = sum(
-                    self._gradients(nd.machine) for nd in nodes if not is_server(self.config, nd.id)
-                )
-                bar.refresh()
-        if bar is not None:
-            bar.close()
+                node = nodes[i]
+                if cancelled and seq in cancelled:  # its sender died before it left
+                    cancelled.discard(seq)
+                    continue
+                if node.dead:
+                    if kind == _ARRIVE:
+                        nodes[data[0].sender].msgs_to_failed += 1
+                    continue
+                if kind == _ARRIVE:
+                    node.inbox.append(data)
+                    node.msgs_in += 1
+                    node.bytes_in += data[2]
+                elif node.scheduled == t:
+                    node.scheduled = -1.0
+                if t < node.busy_until:
+                    continue  # its wake-up at busy_until comes
+                self._poke(node, t)
+                if self.events >= next_bar:
+                    next_bar = self.events + 5000
+                    now_real = time.perf_counter()
+                    if deadline is not None and now_real > deadline:
+                        self.truncated = True
+                        break
+                    if bar is None or now_real < next_refresh:
+                        continue
+                    next_refresh = now_real + 0.5
+                    bar.n = sum(
+                        self._gradients(nd.machine)
+                        for nd in nodes
+                        if not is_server(self.config, nd.id)
+                    )
+                    bar.refresh()
+        finally:
+            if bar is not None:
+                bar.close()
         if self.truncated:
             return t
         stuck = [node.id for node in nodes if node.wait is not DONE and not node.dead]
         if stuck and self.failures and all(nodes[i].wait is WAIT_DRAIN for i in stuck):
             # after a failure the anti-entropy may not repair everything (--delta-store-mib):
             # as real nodes, the stuck ones give up after --drain-timeout-s of silence
-            for i in stuck:
-                self._drain_timeout(nodes[i], max(t, nodes[i].busy_until))
+            for i in stuck:  # silent since it last handled a message
+                self._drain_timeout(nodes[i], nodes[i].busy_until)
             stuck = []
         if stuck:
             raise SimulationStalled(
@@ -762,9 +770,8 @@ class Simulation:
                 self._cancelled.add(seq)
         node.sent.clear()
         # its log ends at the kill (records of work it began before and would end after: lost)
-        log = node.log
-        log._buffer[:] = [line for line in log._buffer if json.loads(line)["t_s"] <= t]
-        log.flush()
+        node.log.truncate_after(t)
+        node.log.flush()
         if node.events is not None:
             node.events.flush()
         check_s = _next_poll_s(t)
