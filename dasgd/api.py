@@ -301,17 +301,33 @@ class RunResult:
         -------
         ndarray of shape (n_nodes, n_params) for DASGD, (1, n_params) for
         ``ps-async``/``ps-sync`` (workers keep no model of their own); the
-        run's dtype.
+        run's dtype. Row i is node i's model; a node that died
+        (``summary["run"]["failed_nodes"]``) left none: its row is NaN.
         """
         if (self.run_dir / "server.npy").is_file():
             return np.load(self.run_dir / "server.npy")[None, :]
         n = self.summary["run"]["n_nodes"]
-        return np.stack([np.load(self.run_dir / f"node-{i}.npy") for i in range(n)])
+        failed = set(self.summary["run"].get("failed_nodes", ()))
+        alive = {i: np.load(self.run_dir / f"node-{i}.npy") for i in range(n) if i not in failed}
+        if not failed:
+            return np.stack(list(alive.values()))
+        first = next(iter(alive.values()))
+        models = np.full((n, first.size), np.nan, dtype=first.dtype)
+        for i, params in alive.items():
+            models[i] = params
+        return models
 
     @property
     def average_model(self) -> np.ndarray:
-        """The mean of :attr:`models`, shape (n_params,): the model the summary's ``average_model_*`` evaluate."""
-        return self.models.mean(axis=0).astype(self.models.dtype, copy=False)
+        """The mean of :attr:`models` over the nodes alive at the end, shape (n_params,).
+
+        The model the summary's ``average_model_*`` evaluate.
+        """
+        models = self.models
+        failed = sorted(self.summary["run"].get("failed_nodes", ()))
+        if failed and models.shape[0] > 1:  # a DASGD run that lost nodes: survivors only
+            models = np.delete(models, failed, axis=0)
+        return models.mean(axis=0).astype(models.dtype, copy=False)
 
     @cached_property
     def x0(self) -> np.ndarray:

@@ -14,6 +14,7 @@ import networkx as nx
 import numpy as np
 import pytest
 
+from dasgd.analysis.events import APPLY_DTYPE, GRADIENT_DTYPE, read_columns
 from dasgd.analysis.metrics import read_events
 from dasgd.cli import main, options_namespace, sim_config_from_args
 from dasgd.config import EmulationConfig, SimConfig, TopologyConfig, TrainConfig
@@ -117,6 +118,31 @@ def test_ring_survives_a_killed_node_and_stays_a_ring(tmp_path):
     assert final["failed_nodes_seen"] == [3]
 
 
+def test_what_left_before_the_kill_arrives_and_what_was_queued_is_lost(tmp_path):
+    # 4-node ring, b = 1, 50 ms links of 1 Mbit/s: each ~5 kB delta takes ~42 ms to leave, so
+    # node 1's uplink is backlogged (backpressure) when it dies at 0.3 s
+    kill_s, latency_s = 0.3, 0.05
+    cfg = kill_config(
+        tmp_path,
+        [(1, kill_s)],
+        n=4,
+        train=TrainConfig(steps=150, lr=0.05, batch_size=16, send_every=1),
+        emulation=EmulationConfig(compute_time="0.002", latency=str(latency_s)),
+        sim=SimConfig(bandwidth_bps=1e6, kills=[(1, kill_s)]),
+    )
+    run_dir, summary = run_killed(cfg)
+    failures = check_survivors(run_dir, summary, 4, [1])
+    applies = read_columns(run_dir / "node-0.applies.bin", APPLY_DTYPE)
+    direct = applies["t_s"][(applies["origin"] == 1) & (applies["sender"] == 1)]
+    # in flight at the kill: still arrives, within the link's latency (plus handling)
+    assert (direct > kill_s).any()
+    assert direct.max() <= kill_s + latency_s + 0.005
+    # sealed (b = 1: one delta per gradient) but still queued on its uplink: lost
+    gradients = read_columns(run_dir / "node-1.gradients.bin", GRADIENT_DTYPE)
+    sealed = int((gradients["t_end_s"] <= kill_s).sum())
+    assert 0 < failures[1]["fin"]["deltas"] < sealed - 5
+
+
 def test_random_regular_survives_a_killed_node(tmp_path):
     spec = "random-regular:3"
     run_dir, summary = run_killed(kill_config(tmp_path, [(5, 0.12)], topology=spec))
@@ -177,6 +203,19 @@ def test_two_nodes_killed_at_different_times(tmp_path):
     assert failures[2]["fin"]["reports"] == 7 and failures[3]["fin"]["reports"] == 6
     overlay = repaired_graph(run_dir, "ring", 8)
     assert nx.is_connected(overlay) and all(d == 2 for _, d in overlay.degree())
+
+
+def test_kills_seen_at_one_check_are_handled_in_node_order(tmp_path):
+    # as the real launcher's check_children: 3 then 4, though 4 died first
+    run_dir, summary = run_killed(kill_config(tmp_path, ["4@0.05", "3@0.06"]))
+    failures = check_survivors(run_dir, summary, 8, [3, 4])
+    assert failures[3]["detected_t_s"] == failures[4]["detected_t_s"]
+    changes = [json.loads(c) for c in (run_dir / "topology-changes.jsonl").read_text().splitlines()]
+    assert [(c["removed_node"], c["added_edges"]) for c in changes] == [
+        (3, [[2, 4]]),
+        (4, [[2, 5]]),
+    ]
+    assert failures[3]["fin"]["reports"] == failures[4]["fin"]["reports"] == 6
 
 
 def test_a_kill_after_the_node_has_left_changes_nothing(tmp_path):
@@ -255,6 +294,26 @@ def test_simulate_kill_from_the_command_line(tmp_path, capsys):
     assert "node 4 failed" in capsys.readouterr().out
     replay = options_namespace("simulate", str(run_dir))
     assert sim_config_from_args(replay).kills == ((2, 0.05), (4, 0.1))
+    out_dir = str(tmp_path / "replays")
+    assert main(["simulate", "-q", "--config", str(run_dir), "--out-dir", out_dir]) == 0
+    (again,) = (tmp_path / "replays").iterdir()
+    assert [f["node"] for f in json.loads((again / "failures.json").read_text())] == [2, 4]
+    out_dir = str(tmp_path / "replaced")
+    code = main(
+        ["simulate", "-q", "--config", str(run_dir), "--kill", "1@0.05", "--out-dir", out_dir]
+    )
+    assert code == 0  # an explicit --kill replaces the config's kills
+    (replaced,) = (tmp_path / "replaced").iterdir()
+    assert [f["node"] for f in json.loads((replaced / "failures.json").read_text())] == [1]
+    capsys.readouterr()
+    # and the Python API: a dead node's row of the models is NaN, the average the survivors'
+    import dasgd
+
+    result = dasgd.load_run(run_dir)
+    assert result.models.shape[0] == 5 and len(result.finals) == 3
+    assert np.isnan(result.models[[2, 4]]).all() and not np.isnan(result.models[[0, 1, 3]]).any()
+    survivors = np.mean([np.load(run_dir / f"node-{i}.npy") for i in (0, 1, 3)], axis=0)
+    np.testing.assert_allclose(result.average_model, survivors, rtol=1e-12)
 
 
 def test_stop_policy_ends_the_simulation_naming_the_node(tmp_path, capsys):
@@ -348,3 +407,20 @@ def test_a_store_too_small_to_repair_times_the_drain_out_and_says_so(tmp_path, c
     timeouts = read_events(run_dir / "node-0.jsonl", "drain_timeout")
     assert timeouts and timeouts[0]["waited_s"] == 5
     assert read_events(run_dir / "node-0.jsonl", "final")[0]["drained"] is False
+
+
+def test_with_kills_the_delta_stores_count_in_the_memory_check(tmp_path, capsys, monkeypatch):
+    from dasgd.sim import simulator
+
+    # pretend a 4 GiB machine: 300 nodes x 16 MiB of stores (4.7 GiB) do not fit, 1 MiB do
+    monkeypatch.setattr(simulator, "_machine_memory_bytes", lambda: 4 << 30)
+    out_dir = str(tmp_path / "runs")
+    code = main(["simulate", "-q", "-n", "300", "--kill", "1@0.1", "--out-dir", out_dir])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "16 MiB of stored deltas per node" in err[0]
+    assert "--delta-store-mib" in err[0] and not (tmp_path / "runs").exists()
+    with_store = simulator.estimate_memory_bytes(
+        kill_config(tmp_path, ["1@0.1"], n=300, delta_store_mib=1.0), 0, 300
+    )
+    without = simulator.estimate_memory_bytes(kill_config(tmp_path, [], n=300), 0, 300)
+    assert with_store - without == 300 * 2**20

@@ -15,7 +15,7 @@ kind          direction                  fields
 ``failed``    launcher -> node           ``node`` (the id of a node process that died),
                                          ``t_s`` (when the launcher saw it, run clock),
                                          ``links`` (DASGD: repair edges ``[u, v]``, see
-                                         :func:`dasgd.runtime.launch.repair_links`),
+                                         :func:`dasgd.core.failures.repair_links`),
                                          ``addresses`` (node id as str -> inbox address
                                          of every node in ``links``)
 ``held``      node -> launcher           ``node``, ``failed`` (the dead node) and what

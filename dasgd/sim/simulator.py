@@ -252,20 +252,28 @@ class _SimLog(EventLog):
     def close(self) -> None:
         self.flush()
 
+    def truncate_after(self, t_s: float) -> None:
+        """Drop the buffered records later than ``t_s`` (a killed process never wrote them)."""
+        self._buffer[:] = [line for line in self._buffer if json.loads(line)["t_s"] <= t_s]
+
 
 def estimate_memory_bytes(config: RunConfig, n_params: int, n_nodes: int, n_edges: int = 0) -> int:
     """Bytes a simulation needs, roughly: version-vector bookkeeping, edges and model buffers.
 
     DASGD: 48 n^2 bytes (per node, 6 vectors of n int32 and 3 of n int64;
     measured), about :data:`EDGE_BYTES` per edge (graph, adjacency sets,
-    per-edge statistics) and about 6 model-sized buffers per node. PS: model
-    buffers only. Messages in flight come on top (see the module docstring).
+    per-edge statistics) and about 6 model-sized buffers per node; with
+    kills (``config.sim.kills``), each node's delta store at its full
+    ``--delta-store-mib`` (deltas and their base vectors fill it in any
+    run of many nodes). PS: model buffers only. Messages in flight come on
+    top (see the module docstring).
     """
     itemsize = np.dtype(config.model.dtype).itemsize
     models = (n_nodes + 1) * 6 * n_params * itemsize
     if config.algorithm != "dasgd":
         return models
-    return 48 * n_nodes * n_nodes + EDGE_BYTES * n_edges + models
+    stores = n_nodes * int(config.delta_store_mib * 2**20) if config.sim.kills else 0
+    return 48 * n_nodes * n_nodes + EDGE_BYTES * n_edges + models + stores
 
 
 def _machine_memory_bytes() -> int:
@@ -335,8 +343,10 @@ class Simulation:
         if self.kills and not ps:
             self.overlay = {k: set(topology_neighbours(graph, k)) for k in graph}
         self._cancelled: set[int] = set()  # seqs of arrivals lost with their dead sender
-        self._awaiting: dict[int, dict[int, dict]] = {}  # dead node -> {survivor: held}
+        # dead node -> ({survivor: held}, running survivors yet to report)
+        self._awaiting: dict[int, tuple[dict[int, dict], set[int]]] = {}
         self._told_finished: set[int] = set()
+        self._to_detect: dict[float, list[tuple[int, float]]] = {}  # check time -> (node, killed)
         # every node keeps recent deltas for the anti-entropy after a failure, as real nodes do
         store_bytes = int(config.delta_store_mib * 2**20) if self.kills else 0
         self.nodes: list[_Node] = []
@@ -677,52 +687,56 @@ class Simulation:
         self.truncated = False
         next_refresh = 0.0
         cancelled = self._cancelled
-        while heap:
-            t, seq, kind, i, data = pop(heap)
-            self.events += 1
-            if kind > _WAKE:
-                self._failure_event(t, kind, i, data)
-                continue
-            node = nodes[i]
-            if cancelled and seq in cancelled:  # its sender died before it left
-                cancelled.discard(seq)
-                continue
-            if node.dead:
-                if kind == _ARRIVE:
-                    nodes[data[0].sender].msgs_to_failed += 1
-                continue
-            if kind == _ARRIVE:
-                node.inbox.append(data)
-                node.msgs_in += 1
-                node.bytes_in += data[2]
-            elif node.scheduled == t:
-                node.scheduled = -1.0
-            if t < node.busy_until:
-                continue  # its wake-up at busy_until comes
-            self._poke(node, t)
-            if self.events >= next_bar:
-                next_bar = self.events + 5000
-                now_real = time.perf_counter()
-                if deadline is not None and now_real > deadline:
-                    self.truncated = True
-                    break
-                if bar is None or now_real < next_refresh:
+        try:  # a failure under --on-node-failure stop ends the loop with NodeFailed
+            while heap:
+                t, seq, kind, i, data = pop(heap)
+                self.events += 1
+                if kind > _WAKE:
+                    self._failure_event(t, kind, i, data)
                     continue
-                next_refresh = now_real + 0.5
-                bar.n = sum(
-                    self._gradients(nd.machine) for nd in nodes if not is_server(self.config, nd.id)
-                )
-                bar.refresh()
-        if bar is not None:
-            bar.close()
+                node = nodes[i]
+                if cancelled and seq in cancelled:  # its sender died before it left
+                    cancelled.discard(seq)
+                    continue
+                if node.dead:
+                    if kind == _ARRIVE:
+                        nodes[data[0].sender].msgs_to_failed += 1
+                    continue
+                if kind == _ARRIVE:
+                    node.inbox.append(data)
+                    node.msgs_in += 1
+                    node.bytes_in += data[2]
+                elif node.scheduled == t:
+                    node.scheduled = -1.0
+                if t < node.busy_until:
+                    continue  # its wake-up at busy_until comes
+                self._poke(node, t)
+                if self.events >= next_bar:
+                    next_bar = self.events + 5000
+                    now_real = time.perf_counter()
+                    if deadline is not None and now_real > deadline:
+                        self.truncated = True
+                        break
+                    if bar is None or now_real < next_refresh:
+                        continue
+                    next_refresh = now_real + 0.5
+                    bar.n = sum(
+                        self._gradients(nd.machine)
+                        for nd in nodes
+                        if not is_server(self.config, nd.id)
+                    )
+                    bar.refresh()
+        finally:
+            if bar is not None:
+                bar.close()
         if self.truncated:
             return t
         stuck = [node.id for node in nodes if node.wait is not DONE and not node.dead]
         if stuck and self.failures and all(nodes[i].wait is WAIT_DRAIN for i in stuck):
             # after a failure the anti-entropy may not repair everything (--delta-store-mib):
             # as real nodes, the stuck ones give up after --drain-timeout-s of silence
-            for i in stuck:
-                self._drain_timeout(nodes[i], max(t, nodes[i].busy_until))
+            for i in stuck:  # silent since it last handled a message
+                self._drain_timeout(nodes[i], nodes[i].busy_until)
             stuck = []
         if stuck:
             raise SimulationStalled(
@@ -735,18 +749,28 @@ class Simulation:
         if kind == _KILL:
             self._kill(self.nodes[i], t)
         elif kind == _DETECT:
-            self._detect(i, t, data)
+            # the launcher's check goes through its children in id order, as check_children
+            for node_id, killed_s in sorted(self._to_detect.pop(t)):
+                self._detect(node_id, t, killed_s)
         elif kind == _REPORT:
             dead, held = data
             if dead in self._awaiting:
-                self._awaiting[dead][i] = held
+                reports, missing = self._awaiting[dead]
+                reports[i] = held
+                missing.discard(i)
                 self._settle(t)
         else:  # _EXIT
             node = self.nodes[i]
             node.exited = True
             if self.failures and self.config.algorithm == "dasgd" and i not in self._told_finished:
                 self._tell_finished(i, t)
-            self._settle(t)
+            self._gone(i, t)
+
+    def _gone(self, i: int, t: float) -> None:
+        """Node i stopped running (died or exited): no report is awaited from it."""
+        for _, missing in self._awaiting.values():
+            missing.discard(i)
+        self._settle(t)
 
     def _kill(self, node: _Node, t: float) -> None:
         """Node's process dies at ``t``: what has left its uplink arrives, the rest is lost."""
@@ -761,12 +785,15 @@ class Simulation:
                 self._cancelled.add(seq)
         node.sent.clear()
         # its log ends at the kill (records of work it began before and would end after: lost)
-        log = node.log
-        log._buffer[:] = [line for line in log._buffer if json.loads(line)["t_s"] <= t]
-        log.flush()
+        node.log.truncate_after(t)
+        node.log.flush()
         if node.events is not None:
             node.events.flush()
-        self._push(_next_poll_s(t), _DETECT, node.id, t)
+        check_s = _next_poll_s(t)
+        if check_s not in self._to_detect:
+            self._to_detect[check_s] = []
+            self._push(check_s, _DETECT, -1)
+        self._to_detect[check_s].append((node.id, t))
 
     def _alive(self) -> list[int]:
         """Processes running as the launcher sees them: not dead, not exited (server included)."""
@@ -781,10 +808,16 @@ class Simulation:
             self._poke(node, t)
 
     def _tell_finished(self, i: int, t: float) -> None:
+        """Node i exited after a failure: its neighbours stop awaiting its ``complete``.
+
+        The real launcher tells every process; only i's neighbours in the
+        current overlay (repair links included) act on it, so only they are told.
+        """
         self._told_finished.add(i)
-        for j in self._alive():
-            if j != i:
-                self._tell(self.nodes[j], t, ("finished", i))
+        for j in sorted(self.overlay.get(i, ())):
+            node = self.nodes[j]
+            if not node.dead and not node.exited:
+                self._tell(node, t, ("finished", i))
 
     def _detect(self, i: int, t: float, killed_s: float) -> None:
         """The launcher sees node i dead at ``t``: record it, repair, tell every survivor."""
@@ -814,7 +847,7 @@ class Simulation:
             with (self.run_dir / "topology-changes.jsonl").open("a") as f:
                 f.write(json.dumps(change) + "\n")
             self.failures[i]["added_edges"] = links
-            self._awaiting[i] = {}
+            self._awaiting[i] = ({}, {j for j in self._alive() if j < config.n_nodes})
         self._write_failures()
         for j in self._alive():
             node = self.nodes[j]
@@ -826,20 +859,19 @@ class Simulation:
             for node in self.nodes:
                 if node.exited and node.id not in self._told_finished:
                     self._tell_finished(node.id, t)
-        self._settle(t)
+        self._gone(i, t)  # its own reports on earlier failures will never come
 
     def _settle(self, t: float) -> None:
         """The derived ``fin`` of each dead node every running survivor reported on."""
         for dead in list(self._awaiting):
-            reports = self._awaiting[dead]
-            alive = self._alive()
-            if not set(alive) <= set(reports):
+            reports, missing = self._awaiting[dead]
+            if missing:
                 continue
             del self._awaiting[dead]
             deltas, steps = derive_fin(list(reports.values()), self.config.train.send_every)
             self.failures[dead]["fin"] = {"deltas": deltas, "steps": steps, "reports": len(reports)}
             self._write_failures()
-            for j in alive:
+            for j in self._alive():
                 self._tell(self.nodes[j], t, ("fin_of", dead, deltas, steps))
 
     def _failure_record(self, i: int, detected_s: float, killed_s: float, reason: str) -> dict:
@@ -1072,9 +1104,17 @@ def _check_memory(config: RunConfig) -> None:
         need = estimate_memory_bytes(config, 0, n, n_edges)
     n = n or 4
     if need > MEMORY_FRACTION * have:
+        stores = config.sim.kills and config.algorithm == "dasgd"
         raise ConfigError(
             f"a simulation of {n} {'DASGD nodes' if config.algorithm == 'dasgd' else 'workers'} "
             f"with {n_edges} edges needs about {need / 2**30:.1f} GiB (48 n^2 bytes of version "
-            f"vectors and ~{EDGE_BYTES} bytes per edge), more than {MEMORY_FRACTION:.0%} of this "
-            f"machine's {have / 2**30:.1f} GiB: use fewer nodes (-n) or a sparser topology"
+            f"vectors and ~{EDGE_BYTES} bytes per edge"
+            + (
+                f", {config.delta_store_mib:g} MiB of stored deltas per node with --kill"
+                if stores
+                else ""
+            )
+            + f"), more than {MEMORY_FRACTION:.0%} of this machine's {have / 2**30:.1f} GiB: use "
+            "fewer nodes (-n) or a sparser topology"
+            + (" or a smaller --delta-store-mib" if stores else "")
         )
