@@ -19,6 +19,7 @@ import numpy as np
 import psutil
 import pytest
 
+from dasgd.analysis.metrics import read_events
 from dasgd.errors import ConfigError
 from dasgd.runtime.rendezvous import (
     HostSpec,
@@ -299,7 +300,7 @@ def test_hosts_with_different_configurations_all_stop_with_exit_2(tmp_path):
 @pytest.mark.multiprocess
 def test_a_node_dying_on_one_host_stops_every_host(tmp_path):
     endpoint = f"127.0.0.2:{free_port('127.0.0.2')}"
-    slow = ("--compute-time", "0.01", "--steps", "3000")
+    slow = ("--compute-time", "0.01", "--steps", "3000", "--on-node-failure", "stop")
     procs = [launch(tmp_path, k, 2, endpoint, *slow) for k in range(2)]
 
     def node_3():
@@ -500,4 +501,85 @@ def test_a_host_whose_rendezvous_goes_silent_fails_within_the_send_timeout(tmp_p
         wait_for(
             lambda p=p: not p.is_running() or p.status() == psutil.STATUS_ZOMBIE, 60, "node exit"
         )
+    no_process_left(tmp_path)
+
+
+def node_process(tmp_path, host, node):
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if "node" in cmd and f"h{host}" in " ".join(cmd) and str(tmp_path) in " ".join(cmd):
+            if cmd[cmd.index("--node-id") + 1] == str(node):
+                return p
+    return None
+
+
+def training(tmp_path, host, node, intervals=4):
+    def logged():
+        logs = list((tmp_path / f"h{host}").glob(f"*/node-{node}.jsonl"))
+        return logs and len(read_events(logs[0], "interval")) >= intervals
+
+    wait_for(logged, 90, f"node {node} to train")
+
+
+FAULTY = ("--compute-time", "0.01", "--steps", "800", "--log-interval-s", "0.1")
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("policy", ["continue", "restart"])
+def test_a_node_dying_on_one_host_is_survived_by_every_host(tmp_path, policy):
+    endpoint = f"127.0.0.2:{free_port('127.0.0.2')}"
+    extra = (*FAULTY, "--on-node-failure", policy)
+    procs = [launch(tmp_path, k, 3, endpoint, *extra) for k in range(3)]
+    training(tmp_path, 1, 3)
+    node_process(tmp_path, 1, 3).kill()
+    assert finish(procs) == [0, 0, 0], [output(tmp_path, k) for k in range(3)]
+    summary = json.loads((tmp_path / "h0" / "r" / "summary.json").read_text())
+    checks = summary["checks"]
+    assert checks["exactly_once"] and checks["consensus_distance_rel"] <= 1e-6, checks
+    if policy == "continue":
+        assert summary["run"]["failed_nodes"] == [3]
+        assert "node 3 failed" in output(tmp_path, 0)
+    else:  # restarted on its host, from a neighbour's state (maybe on another host)
+        assert summary["run"]["failed_nodes"] == [] and summary["run"]["restarted_nodes"] == [3]
+        assert summary["nodes"][3]["steps"] == 800
+    no_process_left(tmp_path)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("policy", ["continue", "restart"])
+def test_a_silent_host_is_declared_lost_and_may_come_back_under_restart(tmp_path, policy):
+    """Host 2 freezes (SIGSTOP: no FIN on any socket); under restart a new launcher rejoins."""
+    endpoint = f"127.0.0.2:{free_port('127.0.0.2')}"
+    extra = (*FAULTY, "--steps", "1500", "--send-timeout-s", "4", "--on-node-failure", policy)
+    procs = [launch(tmp_path, k, 3, endpoint, *extra) for k in range(3)]
+    training(tmp_path, 2, 4)
+    frozen = [
+        psutil.Process(procs[2].pid),
+        node_process(tmp_path, 2, 4),
+        node_process(tmp_path, 2, 5),
+    ]
+    for p in frozen:
+        p.suspend()
+    changes = tmp_path / "h0" / "r" / "topology-changes.jsonl"
+    wait_for(lambda: changes.exists() and "removed_node" in changes.read_text(), 60, "host 2 lost")
+    for p in frozen:  # the machine is "rebooted"
+        p.kill()
+    again = launch(tmp_path, 2, 3, endpoint, *extra)
+    codes = finish([procs[0], procs[1], again])
+    text = [output(tmp_path, k) for k in range(3)]
+    if policy == "continue":  # the run went on without it, and refuses it back
+        assert codes == [0, 0, 2], text
+        assert "joining again needs --on-node-failure restart" in text[2]
+    else:
+        assert codes == [0, 0, 0], text
+    summary = json.loads((tmp_path / "h0" / "r" / "summary.json").read_text())
+    checks = summary["checks"]
+    assert checks["exactly_once"] and checks["consensus_distance_rel"] <= 1e-6, checks
+    if policy == "continue":
+        assert summary["run"]["failed_nodes"] == [4, 5]
+        assert summary["nodes"][4]["host_lost"] == 2
+        assert "host 2 went silent" in text[0]
+    else:
+        assert summary["run"]["failed_nodes"] == []
+        assert {4, 5} <= set(summary["run"]["restarted_nodes"])
     no_process_left(tmp_path)
