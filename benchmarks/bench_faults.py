@@ -49,6 +49,16 @@ second half of the samples alone is printed too: a leak keeps growing, a
 warm-up effect does not. Results go to
 ``benchmarks/results/bench_faults_soak.json`` (every sample included).
 
+Restarts (``--restart-trials``, default 6): the same runs under
+``--on-node-failure restart``, the victim killed with kill -9 (even trials) or
+frozen with SIGSTOP (odd trials: the launcher's heartbeats catch it within
+``--heartbeat-timeout-s`` 3); reported per trial: exit code, hang, consensus
+and exactly-once among all nodes, the nodes left dead (none expected), the
+restarted ones, the step each resumed at and the seconds from the launcher
+seeing the death to the new process being linked back. Target: every trial
+exits 0 without a hang with every node alive at the end, consensus <= 1e-6
+and exactly-once.
+
 Usage::
 
     python benchmarks/bench_faults.py                 # ~20 x 15 s + 4 cuts on 2 cores
@@ -82,6 +92,8 @@ RESULTS = Path(__file__).resolve().parent / "results" / "bench_faults.json"
 SOAK_RESULTS = Path(__file__).resolve().parent / "results" / "bench_faults_soak.json"
 ROOT = str(Path(__file__).resolve().parent.parent)
 N_NODES = 8
+#: --heartbeat-timeout-s of the trials that freeze their victim (SIGSTOP).
+HEARTBEAT_TIMEOUT_S = 3.0
 #: How long the netns trial cuts host 1's link, in seconds.
 NETNS_CUT_S = 3.0
 
@@ -113,13 +125,13 @@ def _first_record(log: Path, deadline: float) -> None:
     raise RuntimeError(f"no interval record in {log}")
 
 
-def trial(k: int, args, out_dir: Path) -> dict:
-    """One run with one kill -9; returns the trial's record."""
-    rng = np.random.default_rng([args.seed, k])
+def trial(k: int, args, out_dir: Path, *, policy: str = "continue", freeze: bool = False) -> dict:
+    """One run with one kill -9 (or, ``freeze``, one SIGSTOP); returns the trial's record."""
+    rng = np.random.default_rng([args.seed, k if policy == "continue" else 2000 + k])
     victim = int(rng.integers(N_NODES))
     nominal_s = args.steps * args.compute_time
     kill_after_s = float(rng.uniform(0.1, 0.8)) * nominal_s
-    run_id = f"trial-{k}"
+    run_id = f"trial-{k}" if policy == "continue" else f"{policy}-{k}"
     cmd = [
         sys.executable,
         "-m",
@@ -143,12 +155,21 @@ def trial(k: int, args, out_dir: Path) -> dict:
         str(out_dir),
         "--run-id",
         run_id,
+        "--on-node-failure",
+        policy,
+        *(["--heartbeat-timeout-s", str(HEARTBEAT_TIMEOUT_S)] if freeze else []),
     ]
     env = dict(os.environ, PYTHONPATH=ROOT)
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True
     )
-    record = {"trial": k, "victim": victim, "kill_after_s": round(kill_after_s, 3)}
+    record = {
+        "trial": k,
+        "policy": policy,
+        "signal": "SIGSTOP" if freeze else "SIGKILL",
+        "victim": victim,
+        "kill_after_s": round(kill_after_s, 3),
+    }
     try:
         deadline = time.monotonic() + 120
         process = _victim_process(proc, victim, deadline)
@@ -156,7 +177,7 @@ def trial(k: int, args, out_dir: Path) -> dict:
         time.sleep(kill_after_s)  # the kill time is the point of the trial: a benchmark may sleep
         killed_at = time.monotonic()
         try:
-            process.kill()
+            process.suspend() if freeze else process.kill()
             record["killed"] = True
         except psutil.NoSuchProcess:  # it finished first
             record["killed"] = False
@@ -178,8 +199,16 @@ def trial(k: int, args, out_dir: Path) -> dict:
         summary = json.loads(summary_path.read_text())
         checks = summary["checks"]
         dead = [n for n in summary["nodes"] if n.get("failed")]
+        restarts = summary["run"].get("restarts") or []
         record |= {
             "failed_nodes": summary["run"].get("failed_nodes", []),
+            "restarted_nodes": summary["run"].get("restarted_nodes", []),
+            "rejoin_s": [
+                round(r["rejoined_t_s"] - r["detected_t_s"], 2)
+                for r in restarts
+                if "rejoined_t_s" in r
+            ],
+            "resumed_at_step": [r.get("steps_held") for r in restarts],
             "consensus_distance_rel": checks["consensus_distance_rel"],
             "exactly_once": checks["exactly_once"],
             "all_drained": checks["all_drained"],
@@ -568,6 +597,7 @@ def main() -> int:
     parser.add_argument("--compute-time", type=float, default=0.02)
     parser.add_argument("--hang-s", type=float, default=240.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--restart-trials", type=int, default=6)
     parser.add_argument("--partition-trials", type=int, default=4)
     parser.add_argument("--netns-trials", type=int, default=1)
     parser.add_argument(
@@ -583,6 +613,7 @@ def main() -> int:
     args = parser.parse_args()
     if (
         args.trials < 0
+        or args.restart_trials < 0
         or args.partition_trials < 0
         or args.netns_trials < 0
         or args.steps < 10
@@ -592,7 +623,8 @@ def main() -> int:
         or (args.soak is not None and args.soak <= 0)
     ):
         print(
-            "bench_faults.py: --trials, --partition-trials, --netns-trials >= 0, --steps >= 10, "
+            "bench_faults.py: --trials, --restart-trials, --partition-trials, --netns-trials >= 0, "
+            "--steps >= 10, "
             "--compute-time > 0, --hang-s > 0, --sample-s > 0, --soak MINUTES > 0",
             file=sys.stderr,
         )
@@ -619,6 +651,25 @@ def main() -> int:
                 f"{'yes' if r.get('exactly_once') else 'NO':>4} {r.get('dead_fin_deltas')!s:>8} "
                 f"{r.get('dead_steps_lost')!s:>5} {r.get('deltas_pushed')!s:>6} "
                 f"{r.get('delta_store_misses')!s:>4}  {r.get('added_edges')}",
+                flush=True,
+            )
+        restarts = []
+        if args.restart_trials:
+            print(
+                f"\n{'trial':>5} {'signal':>7} {'victim':>6} {'kill_s':>6} {'exit':>4} {'hang':>4} "
+                f"{'consensus':>9} {'once':>4} {'failed':>6} {'restarted':>9} {'resumed':>7} rejoin_s"
+            )
+        for k in range(args.restart_trials):  # even: kill -9, odd: SIGSTOP (heartbeats)
+            r = trial(k, args, Path(tmp), policy="restart", freeze=k % 2 == 1)
+            restarts.append(r)
+            cons = r.get("consensus_distance_rel")
+            print(
+                f"{k:>5} {r['signal']:>7} {r['victim']:>6} {r['kill_after_s']:>6.2f} "
+                f"{r.get('exit_code')!s:>4} {'yes' if r.get('hang') else 'no':>4} "
+                f"{'-' if cons is None else f'{cons:.1e}':>9} "
+                f"{'yes' if r.get('exactly_once') else 'NO':>4} {r.get('failed_nodes')!s:>6} "
+                f"{r.get('restarted_nodes')!s:>9} {r.get('resumed_at_step')!s:>7} "
+                f"{r.get('rejoin_s')}",
                 flush=True,
             )
         cuts = []
@@ -654,6 +705,22 @@ def main() -> int:
         f"exactly-once among survivors ({killed}/{n} victims killed before they finished); "
         f"target {n}/{n}, 0, {n}/{n}: {'met' if ok_exit == n and not hangs and consensus == n else 'NOT met'}"
     )
+    restarts_ok = sum(
+        r.get("exit_code") == 0
+        and not r.get("hang")
+        and not r.get("failed_nodes")
+        and r.get("consensus_distance_rel") is not None
+        and r["consensus_distance_rel"] <= 1e-6
+        and bool(r.get("exactly_once"))
+        for r in restarts
+    )
+    if restarts:
+        print(
+            f"restarts: {restarts_ok}/{len(restarts)} exited 0 without a hang, every victim "
+            f"restarted (none left dead), consensus <= 1e-6 and exactly-once among all nodes; "
+            f"target {len(restarts)}/{len(restarts)}: "
+            f"{'met' if restarts_ok == len(restarts) else 'NOT met'}"
+        )
     cuts_ok = sum(_cut_ok(r) for r in cuts)
     if cuts:
         print(
@@ -674,6 +741,8 @@ def main() -> int:
                 "exited_0": ok_exit,
                 "hangs": hangs,
                 "consensus": consensus,
+                "restart_trials": restarts,
+                "restarts_ok": restarts_ok,
                 "partition_trials": cuts,
                 "partitions_ok": cuts_ok,
                 "netns_skipped": why_not,
