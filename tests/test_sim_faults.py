@@ -362,6 +362,7 @@ def test_api_takes_kill_as_pairs_or_strings(tmp_path):
         (["-n", "8", "--kill", "3@0.1", "--kill", "3@0.2"], "node 3 is killed twice"),
         (["-n", "4", "--algorithm", "ps-async", "--kill", "4@0.1"], "parameter server"),
         (["-n", "4", "--algorithm", "ps-sync", "--kill", "1@0.1"], "ps-sync"),
+        (["-n", "4", "--on-node-failure", "restart", "--kill", "1@0.1"], "does not restart"),
     ],
 )
 def test_bad_kill_is_one_line_naming_it(tmp_path, capsys, args, named):

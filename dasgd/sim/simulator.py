@@ -1054,7 +1054,8 @@ def check_kills(config: RunConfig) -> None:
     Raises
     ------
     ConfigError
-        A kill in a ps-sync run (every round waits for every worker), of the
+        A kill under ``--on-node-failure restart`` (not simulated), in a
+        ps-sync run (every round waits for every worker), of the
         parameter server (its death always stops a run), or of a node the run
         does not have; the message names the value and what is valid.
     """
@@ -1063,6 +1064,11 @@ def check_kills(config: RunConfig) -> None:
         return
     node, t_s = kills[0]
     spec = f"{node}@{t_s:g}"
+    if config.on_node_failure == "restart":
+        raise ConfigError(
+            f"--kill {spec} with --on-node-failure restart: the simulator does not restart "
+            "nodes (dasgd run does); choose continue or stop"
+        )
     if config.algorithm == "ps-sync":
         raise ConfigError(
             f"--kill {spec}: a ps-sync run cannot lose a worker (every round waits for all of "
