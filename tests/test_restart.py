@@ -293,3 +293,29 @@ def test_a_repair_link_to_a_node_that_died_meanwhile_is_not_made():
     node.node_failed(1)
     node.node_failed(0, links=[1])
     assert node.protocol.neighbours == (2,)
+
+
+def test_a_gap_left_by_a_second_death_is_counted_lost_not_awaited():
+    from dasgd.core.failures import lost_deltas
+    from dasgd.core.protocol import NodeProtocol
+
+    # node 0 died; its delta 2 reached only a node that died too; node 1 holds 0, 1 and 3
+    reports = [
+        {"node": 1, "contiguous": 2, "above": [3], "deltas": 3},
+        {"node": 4, "contiguous": 1, "above": [], "deltas": 1},
+    ]
+    assert lost_deltas(reports) == (4, [2])
+    assert lost_deltas([{"contiguous": 3, "above": []}]) == (3, [])
+    p = NodeProtocol(1, [2], 3, 1, n_params=2)
+    zero = np.zeros(3, np.int64)
+    for seq in (0, 1, 3):
+        p.receive(wire.Header("delta", 0, 2, seq, 1, zero, zero, "float64", (2,)))
+    p.node_failed(0)
+    with pytest.raises(ValueError):
+        p.failed_fin(0, 4, 4, lost=[4])  # not below the deltas
+    p.failed_fin(0, 4, 4, lost=[2])
+    p.receive(wire.Header("fin", 2, 2, 0, 0, np.zeros(0, np.int64), zero))
+    p.finish()
+    assert p.complete  # 3 of node 0's 4 deltas, 3 of its 4 steps
+    with pytest.raises(WireError, match="beyond"):
+        p.receive(wire.Header("delta", 0, 2, 4, 1, zero, zero, "float64", (2,)))

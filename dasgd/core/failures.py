@@ -16,7 +16,7 @@ No clock, socket or file here.
 
 from __future__ import annotations
 
-__all__ = ["CHILD_POLL_S", "derive_fin", "repair_links"]
+__all__ = ["CHILD_POLL_S", "derive_fin", "lost_deltas", "repair_links"]
 
 #: The launcher checks its children at least this often (seconds): the bound on
 #: noticing a dead node process, before the ``failed`` message reaches the others.
@@ -78,3 +78,40 @@ def derive_fin(reports: list[dict], send_every: int) -> tuple[int, int]:
     deltas = int(best["contiguous"])
     steps = int(best["steps"]) if best["deltas"] == deltas else deltas * send_every
     return deltas, steps
+
+
+def lost_deltas(reports: list[dict]) -> tuple[int, list[int]]:
+    """Gaps in what the survivors hold of a dead node's deltas (after a second failure).
+
+    A dead node sends its deltas in order on each link, so what the
+    survivors hold of it is a prefix, unless a node that alone held some
+    of them died too: then a survivor may hold a delta (relayed on another
+    path) beyond one that none holds. Each delta is an independent update, so
+    the survivors can agree on everything any of them holds and count the
+    gaps as lost (:meth:`~dasgd.core.protocol.NodeProtocol.failed_fin`).
+
+    Parameters
+    ----------
+    reports : list of dict
+        ``held`` reports with ``contiguous`` and ``above`` (sequence numbers
+        held beyond the contiguous ones).
+
+    Returns
+    -------
+    end : int
+        One more than the highest sequence number any survivor holds (0: none).
+    lost : list of int
+        The sequence numbers below ``end`` that no survivor holds, sorted.
+    """
+    held: set[int] = set()
+    prefix = 0
+    for r in reports:
+        prefix = max(prefix, int(r["contiguous"]))
+        held.update(int(q) for q in r.get("above") or ())
+    end = max(prefix, max(held) + 1 if held else 0)
+    return end, sorted(q for q in held_gaps(prefix, end, held))
+
+
+def held_gaps(prefix: int, end: int, held: set[int]):
+    """Sequence numbers in ``prefix .. end - 1`` not in ``held``."""
+    return (q for q in range(prefix, end) if q not in held)

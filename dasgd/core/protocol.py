@@ -227,6 +227,8 @@ class NodeProtocol:
         self.finished = False
         self._fin_deltas = np.full(n_nodes, -1, dtype=vv_dtype)
         self._fin_steps = np.full(n_nodes, -1, dtype=vv_dtype)
+        # one more than an origin's last sequence number (its fin's deltas, unless some are lost)
+        self._fin_end = np.full(n_nodes, -1, dtype=vv_dtype)
         self._fins_known = 0
         self._complete_announced = False
         self._neighbours_complete: set[int] = set()
@@ -385,9 +387,9 @@ class NodeProtocol:
             raise WireError(
                 f"delta {origin}:{header.seq} of {header.steps} steps; windows hold at most {self.send_every}"
             )
-        if kind == "delta" and 0 <= self._fin_deltas[origin] <= header.seq:
+        if kind == "delta" and 0 <= self._fin_end[origin] <= header.seq:
             raise WireError(
-                f"delta {origin}:{header.seq} beyond the {self._fin_deltas[origin]} deltas node {origin} announced"
+                f"delta {origin}:{header.seq} beyond the {self._fin_end[origin]} deltas node {origin} announced"
             )
         if kind == "fin" and header.seq != -(-header.steps // self.send_every):
             # every window holds send_every steps but the last: deltas = ceil(steps / b)
@@ -585,26 +587,43 @@ class NodeProtocol:
         self._fin_deltas[:] = np.where(ours, self._fin_deltas, fin_deltas)
         self._fin_steps[:] = np.where(ours, self._fin_steps, fin_steps)
         self._fin_deltas[me] = self._fin_steps[me] = -1
-        self._fins_known = int(np.count_nonzero(self._fin_deltas >= 0))
         for k in failed:
             if k != me:
                 self.failed.add(int(k))
+        # a dead node's fin travels as its count, which lost deltas make smaller than its last
+        # sequence number: no "beyond the fin" check for those (unless known here already)
+        taken = ~ours & (self._fin_deltas >= 0)
+        self._fin_end[taken] = self._fin_deltas[taken]
+        self._fin_end[[k for k in self.failed if taken[k]]] = -1
+        self._fins_known = int(np.count_nonzero(self._fin_deltas >= 0))
 
-    def failed_fin(self, node: int, deltas: int, steps: int) -> None:
+    def failed_fin(self, node: int, deltas: int, steps: int, lost=()) -> None:
         """The ``fin`` of a dead node as the launcher derived it from the survivors' holdings.
 
         Ignored when the node's own ``fin`` is known. From then on the drain
-        waits for exactly ``deltas`` deltas and ``steps`` steps of it.
+        waits for exactly ``deltas`` deltas and ``steps`` steps of it, less the
+        ``lost`` ones: sequence numbers below ``deltas`` that no survivor holds
+        (a second node died with them, :func:`~dasgd.core.failures.lost_deltas`),
+        ``send_every`` steps each.
 
         Raises
         ------
         ValueError
-            If ``node`` was not reported dead, or a count is negative.
+            If ``node`` was not reported dead, a count is negative, or a lost
+            sequence number is not below ``deltas``.
         """
-        if node not in self.failed or deltas < 0 or steps < 0:
+        lost = sorted(set(int(q) for q in lost))
+        if (
+            node not in self.failed
+            or deltas < 0
+            or steps < 0
+            or (lost and not 0 <= lost[0] <= lost[-1] < deltas)
+            or steps < len(lost) * self.send_every
+        ):
             raise ValueError(f"fin of node {node} ({deltas} deltas, {steps} steps) refused")
         if self._fin_deltas[node] < 0:
-            self._record_fin(node, deltas, steps)
+            self._record_fin(node, deltas - len(lost), steps - len(lost) * self.send_every)
+            self._fin_end[node] = deltas
 
     def held(self, node: int) -> dict:
         """What this node holds of ``node``'s deltas (the launcher's input to :meth:`failed_fin`).
@@ -620,6 +639,7 @@ class NodeProtocol:
         return {
             "deltas": int(self.applied_deltas[node]),
             "contiguous": int(self._applied_below[node]),
+            "above": sorted(self._applied_above.get(node, ())),
             "steps": int(self.vv[node]),
             "fin_deltas": fin if fin >= 0 else None,
             "fin_steps": int(self._fin_steps[node]) if fin >= 0 else None,
@@ -662,6 +682,7 @@ class NodeProtocol:
     def _record_fin(self, origin: int, deltas: int, steps: int) -> None:
         self._fin_deltas[origin] = deltas
         self._fin_steps[origin] = steps
+        self._fin_end[origin] = deltas
         self._fins_known += 1
 
     def _relay(self, header: Header) -> Outgoing | None:

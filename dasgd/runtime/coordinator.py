@@ -30,7 +30,7 @@ import json
 import time
 from pathlib import Path
 
-from ..core.failures import derive_fin, repair_links
+from ..core.failures import derive_fin, lost_deltas, repair_links
 
 __all__ = ["FailureCoordinator"]
 
@@ -244,12 +244,19 @@ class FailureCoordinator:
             del self.awaiting[dead]
             reports = list(entry["reports"].values())
             deltas, steps = derive_fin(reports, self.config.train.send_every)
+            end, lost = lost_deltas(reports)
+            if lost and not any(r.get("fin_deltas") is not None for r in reports):
+                # a second death took deltas no survivor holds: agree on all the others
+                deltas, steps = end, end * self.config.train.send_every
+            else:
+                lost = []
             self.failures[dead]["fin"] = {
                 "deltas": deltas,
                 "steps": steps,
                 "reports": len(reports),
+                **({"lost": lost} if lost else {}),
             }
-            if self._restartable(dead, reports):
+            if not lost and self._restartable(dead, reports):
                 if self.host_of(dead) in self.lost_hosts:
                     self.waiting_host[dead] = now + self.config.transport.ready_timeout_s
                     self.failures[dead]["reports_for_restart"] = reports
@@ -280,7 +287,13 @@ class FailureCoordinator:
     def _fin_of(self, dead: int) -> list[dict]:
         fin = self.failures[dead]["fin"]
         self._write_failures()
-        message = {"kind": "fin_of", "node": dead, "deltas": fin["deltas"], "steps": fin["steps"]}
+        message = {
+            "kind": "fin_of",
+            "node": dead,
+            "deltas": fin["deltas"],
+            "steps": fin["steps"],
+            "lost": fin.get("lost", []),
+        }
         return [{"do": "notify", "to": self.alive(), "message": message}]
 
     def _restartable(self, dead: int, reports: list[dict]) -> bool:
@@ -346,7 +359,7 @@ class FailureCoordinator:
             "neighbours": nbrs,
         }
         fins = {
-            str(k): [f["fin"]["deltas"], f["fin"]["steps"]]
+            str(k): [f["fin"]["deltas"], f["fin"]["steps"], f["fin"].get("lost", [])]
             for k, f in self.failures.items()
             if "fin" in f and k not in self.awaiting and k not in self.waiting_host
         }

@@ -408,10 +408,10 @@ class Driver:
             self.machine.protocol.neighbour_finished(node)
             self.transport.disconnect(node)  # nothing queued for it can matter any more
 
-    def failed_fin(self, node: int, deltas: int, steps: int) -> None:
+    def failed_fin(self, node: int, deltas: int, steps: int, lost=()) -> None:
         """The launcher's ``fin_of``: the dead node's ``fin`` (DASGD), logged as ``failed_fin``."""
         if isinstance(self.machine, DasgdNode):
-            self.machine.protocol.failed_fin(node, deltas, steps)
+            self.machine.protocol.failed_fin(node, deltas, steps, lost)
             self.log.log(
                 time.monotonic(),
                 "failed_fin",
@@ -419,6 +419,7 @@ class Driver:
                 failed_node=node,
                 deltas=deltas,
                 steps=steps,
+                lost=list(lost),
             )
 
     # -- records ---------------------------------------------------------------
@@ -650,8 +651,8 @@ def _restart_setup(machine, restart: dict) -> list[int]:
             protocol.node_failed(u)
     for u in now:
         protocol.add_neighbour(u)
-    for dead, (deltas, steps) in restart.get("fins", {}).items():
-        protocol.failed_fin(int(dead), int(deltas), int(steps))
+    for dead, (deltas, steps, *lost) in restart.get("fins", {}).items():
+        protocol.failed_fin(int(dead), int(deltas), int(steps), lost[0] if lost else ())
     machine.neighbours = list(protocol.neighbours)
     machine.alone = not machine.neighbours
     return list(protocol.neighbours)
@@ -809,7 +810,10 @@ def node_main(run_dir: str, node_id: int, control_address: str) -> int:
                             )
                     elif message.get("kind") == "fin_of":
                         driver.failed_fin(
-                            int(message["node"]), int(message["deltas"]), int(message["steps"])
+                            int(message["node"]),
+                            int(message["deltas"]),
+                            int(message["steps"]),
+                            [int(q) for q in message.get("lost", ())],
                         )
                     elif message.get("kind") == "finished":
                         driver.neighbour_finished(int(message["node"]))

@@ -74,7 +74,7 @@ from ..build import build_machine, build_recorder, build_run_model, is_server
 from ..config import RunConfig
 from ..core.actions import CONTINUE, DONE, WAIT_BACKLOG, WAIT_DRAIN, WAITS
 from ..core.emulation import Partitions, release_after
-from ..core.failures import CHILD_POLL_S, derive_fin, repair_links
+from ..core.failures import CHILD_POLL_S, derive_fin, lost_deltas, repair_links
 from ..core.node import DasgdNode
 from ..core.protocol import adjacency_sets, lag_sampled
 from ..core.ps import PSServer
@@ -586,8 +586,8 @@ class Simulation:
                     links=list(links),
                 )
             elif what == "fin_of":
-                _, dead, deltas, steps = item
-                machine.protocol.failed_fin(dead, deltas, steps)
+                _, dead, deltas, steps, lost = item
+                machine.protocol.failed_fin(dead, deltas, steps, lost)
                 node.log.log(
                     t + cost,
                     "failed_fin",
@@ -868,11 +868,19 @@ class Simulation:
             if missing:
                 continue
             del self._awaiting[dead]
-            deltas, steps = derive_fin(list(reports.values()), self.config.train.send_every)
+            held = list(reports.values())
+            deltas, steps = derive_fin(held, self.config.train.send_every)
+            end, lost = lost_deltas(held)
+            if lost and not any(r.get("fin_deltas") is not None for r in held):
+                deltas, steps = end, end * self.config.train.send_every  # as the launcher does
+            else:
+                lost = []
             self.failures[dead]["fin"] = {"deltas": deltas, "steps": steps, "reports": len(reports)}
+            if lost:
+                self.failures[dead]["fin"]["lost"] = lost
             self._write_failures()
             for j in self._alive():
-                self._tell(self.nodes[j], t, ("fin_of", dead, deltas, steps))
+                self._tell(self.nodes[j], t, ("fin_of", dead, deltas, steps, lost))
 
     def _failure_record(self, i: int, detected_s: float, killed_s: float, reason: str) -> dict:
         """``failures.json``'s entry for node i, with the fields the real launcher writes.
