@@ -56,6 +56,7 @@ def test_failed_node_is_awaited_only_up_to_the_fin_the_launcher_derives():
     assert n1.held(2) == {
         "deltas": 1,
         "contiguous": 1,
+        "above": [],
         "steps": 1,
         "fin_deltas": None,
         "fin_steps": None,

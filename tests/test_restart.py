@@ -319,3 +319,148 @@ def test_a_gap_left_by_a_second_death_is_counted_lost_not_awaited():
     assert p.complete  # 3 of node 0's 4 deltas, 3 of its 4 steps
     with pytest.raises(WireError, match="beyond"):
         p.receive(wire.Header("delta", 0, 2, 4, 1, zero, zero, "float64", (2,)))
+
+
+# -- the coordinator (one machine's launcher or host 0's rendezvous) -----------------------
+
+
+def coordinator(tmp_path, **config):
+    from dasgd.config import RunConfig
+    from dasgd.runtime.coordinator import FailureCoordinator
+
+    cfg = RunConfig(n_nodes=4, on_node_failure="restart", **config)
+    ring = {0: {1, 3}, 1: {0, 2}, 2: {1, 3}, 3: {0, 2}}
+    addresses = {i: f"ipc://node-{i}" for i in range(4)}
+    return FailureCoordinator(cfg, tmp_path, ring, 0.0, addresses)
+
+
+def held(node, failed, contiguous, above=()):
+    return {
+        "node": node,
+        "failed": failed,
+        "contiguous": contiguous,
+        "deltas": contiguous + len(above),
+        "steps": contiguous + len(above),
+        "above": list(above),
+        "fin_deltas": None,
+        "fin_steps": None,
+    }
+
+
+def test_a_restart_that_dies_before_it_is_linked_back_keeps_what_the_survivors_hold(tmp_path):
+    c = coordinator(tmp_path, max_restarts=1)
+    record = {"node": 2, "exit_code": -9, "last_step": 7, "planned_steps": 50}
+    (notify,) = c.handle({"event": "node_down", "node": 2, "record": record})
+    assert notify["message"]["kind"] == "failed" and sorted(notify["to"]) == [0, 1, 3]
+    for j in (0, 1, 3):
+        c.handle({"event": "held", "report": held(j, 2, 5 if j == 1 else 4)})
+    assert c.tick() == [{"do": "spawn", "node": 2}]
+    # the new process dies before its ready: no report is asked, its fin is the survivors' 5
+    actions = c.handle({"event": "node_down", "node": 2, "record": record})
+    fin = [a["message"] for a in actions if a["do"] == "notify"]
+    assert fin == [{"kind": "fin_of", "node": 2, "deltas": 5, "steps": 5, "lost": []}]
+    assert {"do": "settled", "node": 2} in actions
+    assert c.handle({"event": "node_down", "node": 2, "record": record}) == [
+        {"do": "settled", "node": 2}
+    ]
+
+
+def test_the_coordinator_refuses_malformed_events(tmp_path):
+    c = coordinator(tmp_path)
+    c.handle({"event": "node_down", "node": 2, "record": {"node": 2, "last_step": 1}})
+    for bad in (
+        {"event": "held", "report": {"node": 0, "failed": 2}},
+        {"event": "held", "report": held(0, 2, 1, above=["x"])},
+        {"event": "node_down", "node": 9, "record": {}},
+        {"event": "node_down", "node": 1, "record": {"last_step": "7"}},
+        {"event": "ready", "node": 1},
+        {"event": "nonsense", "node": 1},
+    ):
+        with pytest.raises((ValueError, TypeError, KeyError)):
+            c.handle(bad)
+    assert 2 in c.awaiting and not c.awaiting[2]["reports"]  # nothing half-recorded
+
+
+def test_a_restart_with_nobody_left_is_killed_not_a_crash(tmp_path):
+    c = coordinator(tmp_path)
+    c.handle({"event": "node_down", "node": 2, "record": {"node": 2, "last_step": 1}})
+    for j in (0, 1, 3):
+        c.handle({"event": "held", "report": held(j, 2, 1)})
+    assert c.tick() == [{"do": "spawn", "node": 2}]
+    for j in (0, 1, 3):
+        c.handle({"event": "exited", "node": j})
+    actions = c.handle({"event": "ready", "node": 2, "address": "ipc://node-2b"})
+    assert [a["do"] for a in actions] == ["kill"]
+
+
+def test_a_lost_host_comes_back_for_its_unsettled_nodes_only(tmp_path):
+    c = coordinator(tmp_path)
+    c.host_of = lambda node: node // 2
+    c.handle({"event": "node_down", "node": 3, "record": {"node": 3, "last_step": 1}})
+    for j in (0, 1, 2):  # it had sent its fin: nothing to redo, it is settled
+        c.handle({"event": "held", "report": held(j, 3, 1) | {"fin_deltas": 1, "fin_steps": 1}})
+    assert [a["message"]["kind"] for a in c.tick() if a["do"] == "notify"] == ["fin_of"]
+    c.host_lost(1, [2, 3], "silent")
+    for j in (0, 1):
+        c.handle({"event": "held", "report": held(j, 2, 2)})
+    c.tick()
+    assert c.can_return(1) and c.host_back(1) == [2]
+    assert c.node_ready(2, "tcp://h1:2") == []  # ready before its restart was decided
+    actions = c.tick()  # the restart: linked back at once, its start to its host
+    assert [a["do"] for a in actions] == ["notify", "send"] and 2 not in c.failures
+    assert actions[1]["message"]["restart"]["deltas"] == 2
+
+
+def test_a_have_or_join_that_overtakes_the_news_of_a_restart_is_answered_after_it():
+    n = 3
+    survivor = small_node(0, [1, 2], n, 1 << 20)
+    d = survivor.n_params
+    survivor.on_message(*delta_of(2, 0, n, d, 1.0))
+    survivor.node_failed(1)
+    joiner = small_node(1, [0, 2], n, 0)
+    (join,) = joiner.join(0, 0)
+    assert not survivor.on_message(*roundtrip(join, n))  # 1 is still dead here: deferred
+    early_have = joiner.protocol.have(1, 0, answer=True)
+    assert not survivor.on_message(*roundtrip(early_have, n))
+    out = survivor.node_rejoined(1, link=True)
+    kinds = sorted(o.header.kind for o in out)
+    assert "state" in kinds and "delta" in kinds  # the state, and the stored delta it lacks
+
+
+def test_a_state_the_joiner_cannot_take_is_dropped_and_it_keeps_waiting():
+    n = 3
+    donor, joiner = small_node(0, [1], n, 0), small_node(1, [0], n, 0)
+    (join,) = joiner.join(0, 0)
+    (state,) = donor.on_message(*roundtrip(join, n))
+    header, payload = roundtrip(state, n)
+    bad = wire.Header(
+        header.kind,
+        header.origin,
+        header.sender,
+        header.seq,
+        header.steps,
+        header.base_vv,
+        header.sender_vv,
+        header.dtype,
+        header.shape,
+        dict(header.extra, above={1: [4]}),  # claims the joiner's own deltas beyond a gap
+    )
+    with pytest.raises(WireError, match="state from node 0"):
+        joiner.on_message(bad, payload)
+    assert joiner.phase == "joining" and joiner.protocol.vv_total == 0
+    joiner.on_message(header, payload)
+    assert joiner.phase == "ready"
+
+
+def test_version_vectors_follow_every_restart_of_a_node():
+    from dasgd.analysis.events import APPLY_DTYPE, GRADIENT_DTYPE
+    from dasgd.analysis.staleness import version_vectors
+
+    applies = np.zeros(3, dtype=APPLY_DTYPE)
+    applies["node"], applies["origin"] = 0, 1
+    applies["steps"] = [2, 1, 1]
+    applies["t_s"] = [0.5, 1.5, 2.5]
+    gradients = np.zeros(0, dtype=GRADIENT_DTYPE)
+    resets = {0: [(2.0, [0, 7]), (1.0, [0, 3])]}  # in any order
+    V = version_vectors(gradients, applies, [0], 2, np.array([0.6, 1.6, 2.6]), resets)
+    assert V[:, 0, 1].tolist() == [2, 4, 8]

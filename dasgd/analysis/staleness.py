@@ -111,13 +111,15 @@ def dead_processes(run_dir) -> list[dict]:
         if node not in installed:
             log = run_dir / f"node-{node}.jsonl"
             installed[node] = read_events(log, "state_installed") if log.exists() else []
-        k = sum(d["node"] == node for d in out)
-        resumed = installed[node][k] if k < len(installed[node]) else {}
+        resumed = {}
+        if "rejoined_t_s" in r and installed[node]:  # (a restart that never got a state: none)
+            resumed = installed[node].pop(0)
         out.append(
             {
                 "node": node,
                 "t_s": float(r["detected_t_s"]),
-                "steps": int(r["steps_held"]),
+                # where it resumed: the donor's count of its steps (at least the launcher's)
+                "steps": int(resumed.get("steps", r["steps_held"])),
                 "resumed_t_s": resumed.get("t_s"),
                 "version_vector": resumed.get("version_vector"),
             }
@@ -215,15 +217,16 @@ def version_vectors(
         keep = bucket < K
         counts = np.zeros((K, n_nodes), dtype=np.int64)
         np.add.at(counts, (bucket[keep], mine["origin"][keep]), mine["steps"][keep])
-        V[:, a, :] = np.cumsum(counts, axis=0)
-        for t_s, vv in (resets or {}).get(int(i), ()):
-            # from the restart on: the state it took, plus what it applied after
+        applied = np.cumsum(counts, axis=0)
+        V[:, a, :] = applied
+        for t_s, vv in sorted((resets or {}).get(int(i), ())):
+            # from the restart on: the state it took, plus what it applied after it
             at = int(np.searchsorted(times_s, t_s, side="left"))
             if at < K:
                 before = mine["t_s"] < t_s
-                dropped = np.zeros(n_nodes, dtype=np.int64)
-                np.add.at(dropped, mine["origin"][before], mine["steps"][before])
-                V[at:, a, :] += np.asarray(vv, dtype=np.int64) - dropped
+                base = np.zeros(n_nodes, dtype=np.int64)
+                np.add.at(base, mine["origin"][before], mine["steps"][before])
+                V[at:, a, :] = np.asarray(vv, dtype=np.int64) + applied[at:] - base
         V[:, a, i] = np.searchsorted(own, times_s, side="right")
     return V
 

@@ -220,6 +220,8 @@ class DasgdNode:
         self._donor: int | None = None
         self._join_deltas = 0
         self._held_back: list[tuple] = []
+        self._deferred_haves: dict[int, wire.Header] = {}  # restarted sender -> its have
+        self.held_back_dropped = 0
         self.restored: dict | None = None
 
     # -- state -------------------------------------------------------------
@@ -261,12 +263,10 @@ class DasgdNode:
         if kind == "join":
             return self._on_join(header)
         if kind == "have" and header.origin == header.sender in protocol.failed:
-            # a restarted node's first message may overtake the launcher's news of it: what
-            # this node sends it now would be dropped (the driver waits for the news once)
-            raise WireError(
-                f"have from node {header.sender}, which is not a neighbour of {self.node_id} "
-                "until the news of its restart"
-            )
+            # a restarted node's have may overtake the launcher's news of its restart: what
+            # this node sent it now would be dropped; answered once the news is in
+            self._deferred_haves[header.sender] = header
+            return _NOTHING
         if self.phase == "joining":
             if kind == "state" and header.sender == self._donor:
                 return self._install(header, payload)
@@ -351,16 +351,30 @@ class DasgdNode:
         header = wire.Header("join", me, me, int(deltas), 0, _NO_VV, _NO_VV)
         return [Outgoing(header, (donor,))]
 
-    def node_rejoined(self, node: int, *, link: bool) -> None:
-        """A dead node was restarted: see :meth:`NodeProtocol.node_rejoined`."""
+    def node_rejoined(self, node: int, *, link: bool) -> list[Outgoing]:
+        """A dead node was restarted: see :meth:`NodeProtocol.node_rejoined`.
+
+        Returns
+        -------
+        list of Outgoing
+            The answers to its ``have`` or ``join`` if they came before this news.
+        """
         self.protocol.node_rejoined(node, link=link)
         self.neighbours = list(self.protocol.neighbours)
         self._have_sent = {(f, u) for f, u in self._have_sent if node not in (f, u)}
-        self._joins.pop(node, None)
+        out = []
+        have = self._deferred_haves.pop(node, None)
+        if have is not None and link:
+            out += self._on_have(have)
+        if self._joins:
+            out += self._answer_joins()
+        return out
 
     def _on_join(self, header: wire.Header) -> list[Outgoing]:
         joiner = header.sender
-        if header.origin != joiner or joiner not in self.protocol.neighbours:
+        if header.origin != joiner or (
+            joiner not in self.protocol.neighbours and joiner not in self.protocol.failed
+        ):
             raise WireError(f"join from node {joiner}, which is not a neighbour of {self.node_id}")
         if self.phase == "joining":
             raise WireError(f"join from node {joiner} while node {self.node_id} joins itself")
@@ -372,6 +386,8 @@ class DasgdNode:
         protocol = self.protocol
         out = []
         for joiner, expected in list(self._joins.items()):
+            if joiner not in protocol.neighbours:
+                continue  # its join overtook the news of its restart: answered after it
             held = int(protocol.applied_deltas[joiner])
             if held < expected or protocol.contiguous_counts()[joiner] != held:
                 continue  # anti-entropy among the survivors brings the rest
@@ -412,15 +428,12 @@ class DasgdNode:
             counts = np.asarray(extra[key], dtype=np.int64)
             fins.append(np.where(counts == wire.UNKNOWN_COUNT, -1, counts))
         wire.check_finite_array(header, payload)
-        protocol.install_state(
-            header.sender_vv,
-            header.base_vv,
-            extra["applied"],
-            extra["above"],
-            fins[0],
-            fins[1],
-            extra["failed"],
-        )
+        try:  # checks everything before it changes anything
+            protocol.install_state(
+                header.sender_vv, header.base_vv, extra["applied"], extra["above"], *fins
+            )
+        except ValueError as exc:  # a state this node cannot take: dropped, still joining
+            raise WireError(f"state from node {header.sender}: {exc}") from None
         np.copyto(self.params, payload)
         self.delta_sum[:] = 0  # the earlier deltas' sum died with the old process
         for _ in range(self.step):  # the batches the node would have drawn so far
@@ -439,7 +452,12 @@ class DasgdNode:
         out = [protocol.have(me, u, answer=True) for u in protocol.neighbours]
         held_back, self._held_back = self._held_back, []
         for h, p in held_back:
-            for o in self.on_message(h, p):
+            try:
+                handled = self.on_message(h, p)
+            except WireError:  # (a delta beyond a fin, NaN): dropped as it would have been
+                self.held_back_dropped += 1
+                continue
+            for o in handled:
                 o.live = o.payload is not None  # copied by the driver: p is not a received frame
                 out.append(o)
         return out

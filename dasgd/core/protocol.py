@@ -493,16 +493,18 @@ class NodeProtocol:
         ``link``, it is a neighbour of this node again (send to it, await its
         ``complete``). Idempotent.
 
+        A node whose ``fin`` is known here is left as it is (the launcher does
+        not restart a node that had finished).
+
         Raises
         ------
         ValueError
-            If ``node`` is this node or outside 0..n_nodes-1, or its ``fin`` is
-            already known (a node that had finished is not restarted).
+            If ``node`` is this node or outside 0..n_nodes-1.
         """
         if node == self.node_id or not 0 <= node < self.n_nodes:
             raise ValueError(f"node {self.node_id} told that node {node} rejoined: not a peer")
-        if self._fin_deltas[node] >= 0:
-            raise ValueError(f"node {node} rejoined after its fin: it had finished")
+        if self._fin_deltas[node] >= 0:  # (its fin overtook the launcher's decision): keep it
+            return
         self.failed.discard(node)
         if link:
             self.add_neighbour(node)

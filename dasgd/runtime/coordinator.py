@@ -126,30 +126,42 @@ class FailureCoordinator:
             For a malformed event (the rendezvous counts and drops it).
         """
         kind = event.get("event")
+        if kind == "held":
+            self.held(event["report"])
+            return []
+        node = event.get("node")
+        if type(node) is not int or not 0 <= node < self.n + (not self.dasgd):
+            raise ValueError(f"event {kind!r} for node {node!r}: not a node of the run")
         if kind == "node_down":
             record = event["record"]
-            if not isinstance(record, dict):
-                raise TypeError("record is not a map")
-            return self.node_down(int(event["node"]), record)
-        if kind == "held":
-            self.held(dict(event["report"]))
-            return []
+            if not isinstance(record, dict) or type(record.get("last_step", 0)) is not int:
+                raise TypeError("record is not a failure record")
+            return self.node_down(node, record)
         if kind == "exited":
-            return self.node_exited(int(event["node"]))
+            return self.node_exited(node)
         if kind == "ready":
-            return self.node_ready(int(event["node"]), str(event["address"]))
+            if not isinstance(event.get("address"), str):
+                raise TypeError("ready without an address")
+            return self.node_ready(node, event["address"])
         raise ValueError(f"unknown event {kind!r}")
 
     def node_down(self, node: int, record: dict) -> list[dict]:
         """Node ``node``'s process died (``record``: its ``failures.json`` entry)."""
-        if node in self.failures:
-            return []
+        if node in self.failures:  # already dead (its host was lost, or a repeated report)
+            settled = node not in self.awaiting and node not in self.waiting_host
+            return [{"do": "settled", "node": node}] if settled else []
         self.ever_failed = True
-        self.joining.pop(node, None)
+        self.exited.discard(node)
+        joining = self.joining.pop(node, None)
         self.ready_early.pop(node, None)
+        self.expect_ready.discard(node)
         record = dict(record)
         record.setdefault("detected_t_s", self._t_s())
         self.failures[node] = record
+        if joining is not None:
+            # a restarted process that died before it was linked back sent nothing: the
+            # survivors hold what they held at its restart (they never took it back)
+            return self._decide(node, [], joining["deltas"], joining["steps"], [])
         links = repair_links(self.overlay, node) if self.overlay else []
         if self.dasgd:
             self._change(
@@ -177,8 +189,8 @@ class FailureCoordinator:
         """A host went silent: each of its live ``nodes`` is dead (``exit_code`` None)."""
         self.lost_hosts.add(host)
         actions = []
-        for node in nodes:
-            if node in self.failures or node in self.exited:
+        for node in nodes:  # (one that had exited: its final model is lost with the host too)
+            if node in self.failures:
                 continue
             planned = self.planned_steps.get(node, 0)
             record = {
@@ -196,21 +208,40 @@ class FailureCoordinator:
 
     def can_return(self, host: int) -> bool:
         """Whether a launcher may join again as lost ``host``: a node of it awaits its restart."""
-        return host in self.lost_hosts and any(
-            self.host_of(k) == host and (k in self.awaiting or k in self.waiting_host)
+        return host in self.lost_hosts and bool(self.restartable_on(host))
+
+    def restartable_on(self, host: int) -> list[int]:
+        """The nodes of lost ``host`` that await a restart (a launcher joining again starts these)."""
+        return sorted(
+            k
             for k in self.failures
+            if self.host_of(k) == host and (k in self.awaiting or k in self.waiting_host)
         )
 
-    def host_back(self, host: int) -> None:
-        """A launcher joined again as lost host ``host``: it starts its dead nodes itself."""
+    def host_back(self, host: int) -> list[int]:
+        """A launcher joined again as lost host ``host``; returns the nodes it is to start."""
         self.lost_hosts.discard(host)
-        self.expect_ready |= {k for k in self.failures if self.host_of(k) == host}
+        nodes = self.restartable_on(host)
+        self.expect_ready |= set(nodes)
+        return nodes
 
     def held(self, report: dict) -> None:
         """A survivor's ``held`` report on a dead node."""
+        if not isinstance(report, dict):
+            raise TypeError("held report is not a map")
         entry = self.awaiting.get(report.get("failed"))
-        if entry is not None and isinstance(report.get("node"), int):
-            entry["reports"][report["node"]] = report
+        if entry is None:
+            return
+        fields = ("node", "contiguous", "deltas", "steps")
+        if not all(type(report.get(k)) is int and report[k] >= 0 for k in fields):
+            raise ValueError(f"held report without {', '.join(fields)} as counts")
+        above = report.get("above") or []
+        if not isinstance(above, list) or not all(type(q) is int and q >= 0 for q in above):
+            raise ValueError("held report's above is not a list of sequence numbers")
+        for key in ("fin_deltas", "fin_steps"):
+            if report.get(key) is not None and type(report[key]) is not int:
+                raise ValueError(f"held report's {key} is not a count")
+        entry["reports"][report["node"]] = report
 
     def node_exited(self, node: int) -> list[dict]:
         """Node ``node``'s process exited normally (done)."""
@@ -250,20 +281,7 @@ class FailureCoordinator:
                 deltas, steps = end, end * self.config.train.send_every
             else:
                 lost = []
-            self.failures[dead]["fin"] = {
-                "deltas": deltas,
-                "steps": steps,
-                "reports": len(reports),
-                **({"lost": lost} if lost else {}),
-            }
-            if not lost and self._restartable(dead, reports):
-                if self.host_of(dead) in self.lost_hosts:
-                    self.waiting_host[dead] = now + self.config.transport.ready_timeout_s
-                    self.failures[dead]["reports_for_restart"] = reports
-                else:
-                    actions += self._restart(dead, reports, deltas)
-                continue
-            actions += self._fin_of(dead)
+            actions += self._decide(dead, reports, deltas, steps, lost)
         for dead, deadline in list(self.waiting_host.items()):
             if self.host_of(dead) not in self.lost_hosts:
                 del self.waiting_host[dead]
@@ -284,6 +302,22 @@ class FailureCoordinator:
         return actions
 
     # -- decisions ---------------------------------------------------------------------
+    def _decide(self, dead: int, reports, deltas: int, steps: int, lost) -> list[dict]:
+        """What the survivors hold of ``dead`` is known: restart it, or send its ``fin``."""
+        self.failures[dead]["fin"] = {
+            "deltas": deltas,
+            "steps": steps,
+            "reports": len(reports),
+            **({"lost": lost} if lost else {}),
+        }
+        if not lost and self._restartable(dead, reports):
+            if self.host_of(dead) in self.lost_hosts:
+                self.waiting_host[dead] = time.monotonic() + self.config.transport.ready_timeout_s
+                self.failures[dead]["reports_for_restart"] = reports
+                return []
+            return self._restart(dead, reports, deltas)
+        return self._fin_of(dead)
+
     def _fin_of(self, dead: int) -> list[dict]:
         fin = self.failures[dead]["fin"]
         self._write_failures()
@@ -294,7 +328,10 @@ class FailureCoordinator:
             "steps": fin["steps"],
             "lost": fin.get("lost", []),
         }
-        return [{"do": "notify", "to": self.alive(), "message": message}]
+        return [
+            {"do": "notify", "to": self.alive(), "message": message},
+            {"do": "settled", "node": dead},
+        ]
 
     def _restartable(self, dead: int, reports: list[dict]) -> bool:
         config = self.config
@@ -339,6 +376,15 @@ class FailureCoordinator:
         """Link a ready restarted node up, tell the others, and give it its ``start``."""
         entry = self.joining.pop(node)
         alive = [j for j in self.alive() if j != node]
+        if not alive:  # everyone else left meanwhile: nobody to take a state from
+            record = dict(
+                self.restarts[-1 - [r["node"] for r in reversed(self.restarts)].index(node)]
+            )
+            record["last_words"] = "restarted when no other node was alive"
+            self.failures[node] = record
+            self._write_failures()
+            why = "no live node to take a state from"
+            return [{"do": "kill", "node": node, "why": why}]
         nbrs = sorted(set(self.original[node]) & set(alive)) or alive[:1]
         self.overlay[node] = set(nbrs)
         for u in nbrs:

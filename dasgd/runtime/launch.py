@@ -550,17 +550,22 @@ def _launch_local(config, run_dir, context, hosts: HostSpec, link, progress: boo
                     )
                     last_seen[i] = time.monotonic()
                     watched.add(i)
+                elif do == "settled":
+                    pending.discard(i)  # its fate is known: no restart comes
                 elif do == "kill" and procs[i].poll() is None:
                     errors[i] = action["why"]
-                    procs[i].kill()
-                    procs[i].wait(TERMINATE_TIMEOUT_S)
+                    procs[i].kill()  # reaped by the next check
 
         def report(event: dict) -> None:
             """Tell the coordinator what this host saw (over several hosts: host 0's)."""
             if link is not None:
                 link.send({"kind": "event", **event})
             elif coordinator is not None:  # (none under --on-node-failure stop)
-                execute(coordinator.handle(event))
+                try:
+                    actions = coordinator.handle(event)
+                except (KeyError, TypeError, ValueError, IndexError):
+                    return  # a node's malformed report: dropped (its log says what it sent)
+                execute(actions)
 
         def check_children() -> int:
             running = 0
@@ -603,8 +608,7 @@ def _launch_local(config, run_dir, context, hosts: HostSpec, link, progress: boo
                 silent_s = now - last_seen.get(i, now)
                 if silent_s > config.heartbeat_timeout_s:
                     hung[i] = silent_s
-                    proc.kill()
-                    proc.wait(TERMINATE_TIMEOUT_S)
+                    proc.kill()  # reaped by the next check
 
         def pump(timeout_ms: int, on_message) -> None:
             if control.poll(timeout_ms):
@@ -659,8 +663,13 @@ def _launch_local(config, run_dir, context, hosts: HostSpec, link, progress: boo
             rejoining = bool(start_message.get("rejoin"))
         started = True
         if rejoining:  # a lost host come back: its nodes are restarted ones, started one by one
+            restart_nodes = set(start_message.get("restart_nodes") or ())
             for i in local:
-                report({"event": "ready", "node": i, "address": addresses[i]})
+                if i in restart_nodes:
+                    report({"event": "ready", "node": i, "address": addresses[i]})
+                else:  # settled without this host while it was away: not part of the run
+                    gone.add(i)
+                    procs[i].terminate()
         else:
             start = control_messages.pack(
                 {
@@ -688,7 +697,7 @@ def _launch_local(config, run_dir, context, hosts: HostSpec, link, progress: boo
                 report({"event": "held", "report": message})
             elif kind == "ready" and i in procs and i not in identities:
                 identities[i] = identity  # a restarted process
-                report({"event": "ready", "node": i, "address": message["address"]})
+                report({"event": "ready", "node": i, "address": message.get("address")})
 
         while check_children() or pending:
             pump(int(CHILD_POLL_S * 1000), on_message)

@@ -347,7 +347,9 @@ class Driver:
         ValueError
             If ``node`` is this node or not a node of the run.
         """
-        if node in self.failed_nodes:
+        if node in self.failed_nodes:  # repeated: what it holds of it, for the launcher
+            if isinstance(self.machine, DasgdNode):
+                return self.machine.protocol.held(node)
             return None
         handler = getattr(self.machine, "node_failed", None)
         if handler is None:
@@ -394,9 +396,10 @@ class Driver:
         link = machine.node_id in links
         if node in self.failed_nodes:
             self.failed_nodes.remove(node)
-        machine.node_rejoined(node, link=link)
         if link:
             self.transport.connect({node: address})
+        for out in machine.node_rejoined(node, link=link):  # its have or join, if it came first
+            self._send(out)
         self._waited_for_link.discard(node)
         self.log.log(
             time.monotonic(), "node_rejoined", machine.progress_step, rejoined_node=node, link=link
@@ -457,6 +460,7 @@ class Driver:
         self._interval_t = now
         joining = getattr(machine, "phase", None) == "joining"
         join_deadline = now + tc.send_timeout_s
+        donor = getattr(machine, "_donor", None)
         if not joining:  # a restarted node has no model of its own before the state
             self._evaluate(now, force=True)
         mark = time.perf_counter()
@@ -489,6 +493,9 @@ class Driver:
                     joining = False
                     self.log.log(now, "state_installed", machine.progress_step, **machine.restored)
                     self._evaluate(now, force=True)
+                elif machine._donor != donor:  # the donor died: the next one gets the full time
+                    donor = machine._donor
+                    join_deadline = now + tc.send_timeout_s
                 elif now > join_deadline:
                     raise TransportError(
                         f"node {machine.node_id}: no state from node {machine._donor} within "

@@ -54,6 +54,7 @@ the same checks as a one-machine run; every host receives that summary.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -561,6 +562,15 @@ class RendezvousServer(threading.Thread):
             )
         self._supervise(who, joins[0], t0_unix_s)
 
+    def _coordinate(self, who: dict[int, bytes], decide) -> bool:
+        """Run one coordinator call and broadcast its actions; False once the run is aborted."""
+        try:
+            actions = decide()
+        except Exception as exc:  # a bug must not silence host 0: every host learns why
+            self._abort(who.values(), f"host 0's failure coordinator failed: {exc!r}", 1)
+            return False
+        return self._act(who, actions)
+
     def _act(self, who: dict[int, bytes], actions) -> bool:
         """Broadcast the coordinator's actions; False (after an abort) if no worker is left."""
         if actions:
@@ -601,9 +611,11 @@ class RendezvousServer(threading.Thread):
                 rank_of.pop(who.pop(r), None)
                 del last_heard[r]
                 why = f"host {r} went silent for {self.silence_s:.0f} s (--send-timeout-s)"
-                if not self._act(who, coordinator.host_lost(r, self.host_nodes(r), why)):
+                nodes = self.host_nodes(r)
+                lose = functools.partial(coordinator.host_lost, r, nodes, why)
+                if not self._coordinate(who, lose):
                     return
-            if coordinator is not None and not self._act(who, coordinator.tick()):
+            if coordinator is not None and not self._coordinate(who, coordinator.tick):
                 return
             if len(reported) == n - len(lost) and reported:
                 self._finish(who, files)
@@ -629,7 +641,7 @@ class RendezvousServer(threading.Thread):
             if message["kind"] == "event" and coordinator is not None:
                 try:
                     actions = coordinator.handle(message)
-                except (KeyError, TypeError, ValueError):
+                except (KeyError, TypeError, ValueError, IndexError):
                     self.malformed += 1  # dropped and counted, never fatal
                     continue
                 if not self._act(who, actions):
@@ -678,12 +690,18 @@ class RendezvousServer(threading.Thread):
         who[rank] = identity
         rank_of[identity] = rank
         last_heard[rank] = time.monotonic()
-        self.coordinator.host_back(rank)
+        nodes = self.coordinator.host_back(rank)
         addresses = {str(k): v for k, v in self.coordinator.addresses.items()}
         addresses.update(message["addresses"])
         self._broadcast(
             [identity],
-            {"kind": "start", "addresses": addresses, "t0_unix_s": t0_unix_s, "rejoin": True},
+            {
+                "kind": "start",
+                "addresses": addresses,
+                "t0_unix_s": t0_unix_s,
+                "rejoin": True,
+                "restart_nodes": nodes,  # the others were settled without this host
+            },
         )
 
     def _finish(self, who: dict[int, bytes], files: dict[str, bytes]) -> None:
