@@ -125,13 +125,8 @@ def _first_record(log: Path, deadline: float) -> None:
     raise RuntimeError(f"no interval record in {log}")
 
 
-def trial(k: int, args, out_dir: Path, *, policy: str = "continue", freeze: bool = False) -> dict:
-    """One run with one kill -9 (or, ``freeze``, one SIGSTOP); returns the trial's record."""
-    rng = np.random.default_rng([args.seed, k if policy == "continue" else 2000 + k])
-    victim = int(rng.integers(N_NODES))
-    nominal_s = args.steps * args.compute_time
-    kill_after_s = float(rng.uniform(0.1, 0.8)) * nominal_s
-    run_id = f"trial-{k}" if policy == "continue" else f"{policy}-{k}"
+def _start_run(out_dir, run_id: str, topology_seed: int, steps: int, args, *extra, stdout=None):
+    """``dasgd run -n 8 --topology random-regular:3`` of the benchmark, started in its own session."""
     cmd = [
         sys.executable,
         "-m",
@@ -143,26 +138,39 @@ def trial(k: int, args, out_dir: Path, *, policy: str = "continue", freeze: bool
         "--topology",
         "random-regular:3",
         "--topology-seed",
-        str(args.seed + k),
+        str(topology_seed),
         "--steps",
-        str(args.steps),
+        str(steps),
         "--compute-time",
         str(args.compute_time),
-        "--eval-interval-s",
-        "0",
         "--no-events",
         "--out-dir",
         str(out_dir),
         "--run-id",
         run_id,
-        "--on-node-failure",
-        policy,
-        *(["--heartbeat-timeout-s", str(HEARTBEAT_TIMEOUT_S)] if freeze else []),
+        *extra,
     ]
     env = dict(os.environ, PYTHONPATH=ROOT)
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True
+    return subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE if stdout is None else stdout,
+        stderr=subprocess.PIPE,
+        env=env,
+        start_new_session=True,
     )
+
+
+def trial(k: int, args, out_dir: Path, *, policy: str = "continue", freeze: bool = False) -> dict:
+    """One run with one kill -9 (or, ``freeze``, one SIGSTOP); returns the trial's record."""
+    rng = np.random.default_rng([args.seed, k if policy == "continue" else 2000 + k])
+    victim = int(rng.integers(N_NODES))
+    nominal_s = args.steps * args.compute_time
+    kill_after_s = float(rng.uniform(0.1, 0.8)) * nominal_s
+    run_id = f"trial-{k}" if policy == "continue" else f"{policy}-{k}"
+    extra = ["--eval-interval-s", "0", "--on-node-failure", policy]
+    if freeze:
+        extra += ["--heartbeat-timeout-s", str(HEARTBEAT_TIMEOUT_S)]
+    proc = _start_run(out_dir, run_id, args.seed + k, args.steps, args, *extra)
     record = {
         "trial": k,
         "policy": policy,
@@ -275,37 +283,10 @@ def partition_trial(k: int, args, out_dir: Path) -> dict:
         what = str(int(u_which * N_NODES))
     spec = f"{what}@{start_s}+{duration_s}"
     run_id = f"cut-{k}"
-    cmd = [
-        sys.executable,
-        "-m",
-        "dasgd",
-        "run",
-        "-q",
-        "-n",
-        str(N_NODES),
-        "--topology",
-        "random-regular:3",
-        "--topology-seed",
-        str(args.seed + 1000 + k),
-        "--steps",
-        str(args.steps),
-        "--compute-time",
-        str(args.compute_time),
-        "--eval-interval-s",
-        "0",
-        "--no-events",
-        "--partition",
-        spec,
-        "--out-dir",
-        str(out_dir),
-        "--run-id",
-        run_id,
-    ]
     record = {"trial": k, "kind": "link" if k % 2 == 0 else "host", "partition": spec}
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True
-    )
+    seed = args.seed + 1000 + k
+    extra = ("--eval-interval-s", "0", "--partition", spec)
+    proc = _start_run(out_dir, run_id, seed, args.steps, args, *extra)
     try:
         _finish(proc, args.hang_s, record)
     finally:
@@ -434,36 +415,7 @@ def soak(args) -> int:
         flush=True,
     )
     with tempfile.TemporaryDirectory(prefix="bench-soak-") as tmp:
-        cmd = [
-            sys.executable,
-            "-m",
-            "dasgd",
-            "run",
-            "-q",
-            "-n",
-            str(N_NODES),
-            "--topology",
-            "random-regular:3",
-            "--topology-seed",
-            str(args.seed),
-            "--steps",
-            str(steps),
-            "--compute-time",
-            str(args.compute_time),
-            "--no-events",
-            "--out-dir",
-            tmp,
-            "--run-id",
-            "soak",
-        ]
-        env = dict(os.environ, PYTHONPATH=ROOT)
-        proc = subprocess.Popen(
-            cmd,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            env=env,
-            start_new_session=True,
-        )
+        proc = _start_run(tmp, "soak", args.seed, steps, args, stdout=subprocess.DEVNULL)
         t_start = time.monotonic()
         deadline = t_start + 3 * minutes * 60 + 300  # far beyond a loaded machine's run
         nodes: dict[int, psutil.Process] = {}
