@@ -525,7 +525,7 @@ FAULTY = ("--compute-time", "0.01", "--steps", "800", "--log-interval-s", "0.1")
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("policy", ["continue", "restart"])
+@pytest.mark.parametrize("policy", ["restart"])  # continue over hosts: the silent-host test
 def test_a_node_dying_on_one_host_is_survived_by_every_host(tmp_path, policy):
     endpoint = f"127.0.0.2:{free_port('127.0.0.2')}"
     extra = (*FAULTY, "--on-node-failure", policy)
@@ -550,7 +550,7 @@ def test_a_node_dying_on_one_host_is_survived_by_every_host(tmp_path, policy):
 def test_a_silent_host_is_declared_lost_and_may_come_back_under_restart(tmp_path, policy):
     """Host 2 freezes (SIGSTOP: no FIN on any socket); under restart a new launcher rejoins."""
     endpoint = f"127.0.0.2:{free_port('127.0.0.2')}"
-    extra = (*FAULTY, "--steps", "1500", "--send-timeout-s", "4", "--on-node-failure", policy)
+    extra = (*FAULTY, "--steps", "1000", "--send-timeout-s", "3", "--on-node-failure", policy)
     procs = [launch(tmp_path, k, 3, endpoint, *extra) for k in range(3)]
     training(tmp_path, 2, 4)
     frozen = [

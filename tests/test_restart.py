@@ -199,7 +199,7 @@ def test_a_node_restarted_twice_then_dropped_after_max_restarts(tmp_path):
         "--steps",
         "600",
         "--compute-time",
-        "0.02",
+        "0.01",
         "--on-node-failure",
         "restart",
         "--max-restarts",
