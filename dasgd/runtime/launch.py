@@ -50,7 +50,9 @@ import psutil
 import zmq
 
 from ..config import RunConfig
-from ..core.failures import derive_fin, repair_links  # noqa: F401 (importable from here too)
+
+# CHILD_POLL_S: how often (seconds) the launcher checks its children (the simulator uses it too)
+from ..core.failures import CHILD_POLL_S, derive_fin, repair_links  # noqa: F401 (importable here)
 from ..errors import ConfigError, NodeFailed
 from ..ml.data import local_steps
 from ..rundir import prepare_run, process_name, write_summary
@@ -71,9 +73,6 @@ __all__ = ["run", "stop_processes"]
 GATHER_TIMEOUT_S = 3600.0
 #: How long stopped nodes get between SIGTERM and SIGKILL.
 TERMINATE_TIMEOUT_S = 5.0
-#: The launcher checks its children at least this often (seconds): the bound on
-#: noticing a dead node process, before the ``failed`` message reaches the others.
-CHILD_POLL_S = 0.2
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent.parent)
 
 
