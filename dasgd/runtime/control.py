@@ -24,7 +24,9 @@ kind          direction                  fields
                                          ``fin_steps``: :meth:`NodeProtocol.held
                                          <dasgd.core.protocol.NodeProtocol.held>`)
 ``fin_of``    launcher -> node           ``node`` (the dead node), ``deltas``, ``steps``:
-                                         its ``fin``, derived from every ``held``
+                                         its ``fin``, derived from every ``held``;
+                                         ``lost``: its sequence numbers no survivor
+                                         holds (a second death), not awaited
 ``finished``  launcher -> node           ``node``: a DASGD node process that exited
                                          normally after a failure; its neighbours (a
                                          repair link's too) stop awaiting its ``complete``

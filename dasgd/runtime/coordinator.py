@@ -10,14 +10,16 @@ launcher saw (a node process died, a survivor reported, a restarted process is
 ready, a node left normally, a host went silent) and return **actions**, dicts
 with a ``do`` key that every launcher carries out for the nodes it runs:
 
-=========  =========================================================================
-``do``     meaning
-=========  =========================================================================
-``notify``  send control ``message`` to each node of ``to`` that this host runs
-``spawn``   start node ``node``'s process again (its host only)
-``send``    send control ``message`` to node ``node`` (its host only)
-``kill``    kill node ``node``'s process (its host only), ``why`` for its record
-=========  =========================================================================
+===========  =======================================================================
+``do``       meaning
+===========  =======================================================================
+``notify``   send control ``message`` to each node of ``to`` that this host runs
+``spawn``    start node ``node``'s process again (its host only)
+``send``     send control ``message`` to node ``node`` (its host only)
+``kill``     kill node ``node``'s process (its host only), ``why`` for its record
+``settled``  dead node ``node``'s fate is decided (no restart comes): its host
+             stops waiting for it
+===========  =======================================================================
 
 On one machine the launcher calls it directly; over several hosts it lives in
 host 0's rendezvous thread (:mod:`dasgd.runtime.rendezvous`), every launcher

@@ -17,14 +17,22 @@ once training started does not stop the run: the launcher polls its children
 every :data:`CHILD_POLL_S` seconds, records the failure in ``failures.json``
 (see :func:`_failure_record`) and sends a ``failed`` control message to every
 surviving process, which stops sending to the dead node and waiting for it.
-The parameter server, a ps-sync worker, a node that dies before the run
-starts, and any node of a run over several hosts still stop the run.
+The parameter server, a ps-sync worker and a node that dies before the run
+starts still stop the run.
 
 For DASGD the launcher also repairs the overlay (:func:`repair_links`, logged
 in ``topology-changes.jsonl``) and, once every survivor has said what it holds
 of the dead node's deltas (``held``), sends the dead node's ``fin`` as derived
 from those (``fin_of``, see :func:`derive_fin`), so that the survivors' drain
 ends when they all hold the same deltas of it.
+
+Under ``--on-node-failure restart`` the dead node's process is started
+again instead and takes a live neighbour's state (see
+:mod:`dasgd.core.node`). Every such decision is the
+:class:`~dasgd.runtime.coordinator.FailureCoordinator`'s; over several hosts
+host 0's rendezvous runs it and each launcher carries out its actions. A node
+process that sends nothing for ``--heartbeat-timeout-s`` is killed and counts
+as dead.
 
 The run directory is prepared by :func:`dasgd.rundir.prepare_run` (its layout is
 documented there) and summarized by :func:`dasgd.rundir.write_summary`.
