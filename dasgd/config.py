@@ -482,9 +482,10 @@ class RunConfig:
         neighbour's model and version vector and continues its remaining
         steps; after ``max_restarts`` restarts of one node, or for a node that
         had finished its steps, it acts as ``continue`` (ps-async: as
-        ``continue``). A dead parameter server, a dead ps-sync worker, a
-        failure before every node is ready and a failure in a run over
-        several hosts always stop it.
+        ``continue``). A dead parameter server, a dead ps-sync worker and a
+        failure before every node is ready always stop it. Over several
+        hosts the same holds, and a host that goes silent counts as the
+        death of all its nodes.
     max_restarts : int
         Restarts allowed per node under ``restart`` (``--max-restarts``).
     heartbeat_timeout_s : float
