@@ -28,31 +28,7 @@ def test_three_namespace_hosts_with_two_processes_each_drain_to_one_model(tmp_pa
     with EmulatedHosts(3, rate="100mbit") as hosts:
         procs = []
         for k in range(3):
-            argv = [
-                sys.executable,
-                "-m",
-                "dasgd",
-                "run",
-                "-q",
-                "--nhosts",
-                "3",
-                "--host-rank",
-                str(k),
-                "--nproc-per-host",
-                "2",
-                "--rdzv-endpoint",
-                f"{hosts.addresses[0]}:29400",
-                "--topology",
-                "exponential",
-                "--steps",
-                "60",
-                "--out-dir",
-                str(tmp_path / f"h{k}"),
-                "--run-id",
-                "r",
-                "--ready-timeout-s",
-                "60",
-            ]
+            argv = _host_argv(hosts, k, tmp_path, "--topology", "exponential", "--steps", "60")
             out = (tmp_path / f"out{k}").open("w")
             procs.append(
                 subprocess.Popen(
