@@ -464,3 +464,22 @@ def test_version_vectors_follow_every_restart_of_a_node():
     resets = {0: [(2.0, [0, 7]), (1.0, [0, 3])]}  # in any order
     V = version_vectors(gradients, applies, [0], 2, np.array([0.6, 1.6, 2.6]), resets)
     assert V[:, 0, 1].tolist() == [2, 4, 8]
+
+
+@mp
+def test_a_long_emulated_gradient_is_not_taken_for_a_hang(tmp_path):
+    # each gradient waits 2.5 s, longer than the heartbeat timeout: heartbeats go on meanwhile
+    proc = start_command(
+        tmp_path,
+        "-n",
+        "2",
+        "--steps",
+        "2",
+        "--compute-time",
+        "2.5",
+        "--heartbeat-timeout-s",
+        "1.5",
+    )
+    out, err = finish(proc)
+    assert proc.returncode == 0, err
+    assert summary_of(tmp_path)["run"]["failed_nodes"] == []

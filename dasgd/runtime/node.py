@@ -172,6 +172,7 @@ class Driver:
         self.on_control = None
         self.failed_nodes: list[int] = []
         self._in_control = False
+        self._control_t = time.monotonic()
         self._waited_for_link: set[int] = set()
         self.drained = False
         self.eval_s = 0.0
@@ -262,6 +263,13 @@ class Driver:
         if self.stop_requested:
             raise _Terminated
 
+    def _poll_control(self) -> None:
+        """Read the launcher's messages (and send a heartbeat) if :data:`CONTROL_POLL_S` passed."""
+        if self.on_control is not None and not self._in_control:
+            if time.monotonic() - self._control_t >= CONTROL_POLL_S:
+                self._control_t = time.monotonic()
+                self.on_control()
+
     def _wait_until(self, until: float) -> None:
         """Emulated compute time: handle messages until the clock reads ``until`` or one arrived.
 
@@ -271,6 +279,7 @@ class Driver:
         transport = self.transport
         while True:
             self._check_stop()
+            self._poll_control()  # a long emulated gradient still sends heartbeats
             if transport.has_pending:
                 transport.flush()
             remaining = until - time.monotonic()
@@ -467,12 +476,10 @@ class Driver:
         waiting_since = None  # when the current wait for a message began
         drain_since = None
         phase = "train"
-        control_t = now
+        self._control_t = now
         while True:
             self._check_stop()
-            if self.on_control is not None and time.monotonic() - control_t >= CONTROL_POLL_S:
-                control_t = time.monotonic()
-                self.on_control()
+            self._poll_control()
             work_s = 0.0
             if slowed:  # this process's own work since the last call, waits excluded
                 t = time.perf_counter()
@@ -557,6 +564,7 @@ class Driver:
             + transport.max_delay_s()  # latency, or an emulated cut (--partition)
         )
         while transport.has_pending and time.monotonic() < deadline and not self.stop_requested:
+            self._poll_control()
             transport.flush()
             self._receive_all(timeout_s=transport.wait_cap_s(0.005))
 
