@@ -492,8 +492,9 @@ class RunConfig:
         A running node process that sends its launcher nothing for this long
         (hung, stopped, or its machine frozen) is killed and counts as failed
         (``--heartbeat-timeout-s``); nodes send a heartbeat every
-        :data:`~dasgd.runtime.control.HEARTBEAT_S` seconds between steps, so
-        it must exceed the longest single step or evaluation.
+        :data:`~dasgd.runtime.control.HEARTBEAT_S` seconds between steps and
+        during an emulated gradient, so it must exceed the longest real
+        gradient or evaluation.
     delta_store_mib : float
         MiB of recent deltas each DASGD node keeps (oldest evicted first) to
         send to a neighbour that lacks them after a node failure
