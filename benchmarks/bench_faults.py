@@ -125,6 +125,19 @@ def _first_record(log: Path, deadline: float) -> None:
     raise RuntimeError(f"no interval record in {log}")
 
 
+def _write_results(path: Path, args, load_before: float, fields: dict) -> None:
+    """The results JSON: when, the machine (load before and after), the arguments, ``fields``."""
+    load_after = report_load(load_before)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(load_before=load_before, load_after=load_after),
+        "args": vars(args),
+        **fields,
+    }
+    path.write_text(json.dumps(record, indent=2) + "\n")
+
+
 def _start_run(out_dir, run_id: str, topology_seed: int, steps: int, args, *extra, stdout=None):
     """``dasgd run -n 8 --topology random-regular:3`` of the benchmark, started in its own session."""
     cmd = [
@@ -499,20 +512,14 @@ def soak(args) -> int:
         + ("" if not late else f" ({100 * max(late.values()):.2f} % over the second half)")
         + f" (target < 5 % per node): {'met' if met else 'NOT met'}"
     )
-    load_after = report_load(load_before)
-    SOAK_RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    SOAK_RESULTS.write_text(
-        json.dumps(
-            {
-                "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "machine": machine_info(load_before=load_before, load_after=load_after),
-                "args": vars(args),
-                **record,
-                "samples": samples,
-            },
-            indent=2,
-        )
-        + "\n"
+    _write_results(
+        SOAK_RESULTS,
+        args,
+        load_before,
+        {
+            **record,
+            "samples": samples,
+        },
     )
     print(f"results: {SOAK_RESULTS}")
     return 0 if met else 1
@@ -681,27 +688,21 @@ def main() -> int:
             f"{len(cuts)}: {'met' if cuts_ok == len(cuts) else 'NOT met'}"
             + (f" (netns trials skipped: {why_not})" if why_not else "")
         )
-    load_after = report_load(load_before)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
-        json.dumps(
-            {
-                "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "machine": machine_info(load_before=load_before, load_after=load_after),
-                "args": vars(args),
-                "trials": records,
-                "exited_0": ok_exit,
-                "hangs": hangs,
-                "consensus": consensus,
-                "restart_trials": restarts,
-                "restarts_ok": restarts_ok,
-                "partition_trials": cuts,
-                "partitions_ok": cuts_ok,
-                "netns_skipped": why_not,
-            },
-            indent=2,
-        )
-        + "\n"
+    _write_results(
+        RESULTS,
+        args,
+        load_before,
+        {
+            "trials": records,
+            "exited_0": ok_exit,
+            "hangs": hangs,
+            "consensus": consensus,
+            "restart_trials": restarts,
+            "restarts_ok": restarts_ok,
+            "partition_trials": cuts,
+            "partitions_ok": cuts_ok,
+            "netns_skipped": why_not,
+        },
     )
     print(f"results: {RESULTS}")
     return 0

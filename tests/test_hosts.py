@@ -525,10 +525,10 @@ FAULTY = ("--compute-time", "0.01", "--steps", "800", "--log-interval-s", "0.1")
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("policy", ["restart"])  # continue over hosts: the silent-host test
-def test_a_node_dying_on_one_host_is_survived_by_every_host(tmp_path, policy):
+def test_a_node_killed_on_one_host_is_restarted_from_a_neighbours_state(tmp_path):
+    """(A node dying under continue over hosts: the silent-host test below.)"""
     endpoint = f"127.0.0.2:{free_port('127.0.0.2')}"
-    extra = (*FAULTY, "--on-node-failure", policy)
+    extra = (*FAULTY, "--on-node-failure", "restart")
     procs = [launch(tmp_path, k, 3, endpoint, *extra) for k in range(3)]
     training(tmp_path, 1, 3)
     node_process(tmp_path, 1, 3).kill()
@@ -536,12 +536,9 @@ def test_a_node_dying_on_one_host_is_survived_by_every_host(tmp_path, policy):
     summary = json.loads((tmp_path / "h0" / "r" / "summary.json").read_text())
     checks = summary["checks"]
     assert checks["exactly_once"] and checks["consensus_distance_rel"] <= 1e-6, checks
-    if policy == "continue":
-        assert summary["run"]["failed_nodes"] == [3]
-        assert "node 3 failed" in output(tmp_path, 0)
-    else:  # restarted on its host, from a neighbour's state (maybe on another host)
-        assert summary["run"]["failed_nodes"] == [] and summary["run"]["restarted_nodes"] == [3]
-        assert summary["nodes"][3]["steps"] == 800
+    # restarted on its host, from a neighbour's state (maybe on another host)
+    assert summary["run"]["failed_nodes"] == [] and summary["run"]["restarted_nodes"] == [3]
+    assert summary["nodes"][3]["steps"] == 800
     no_process_left(tmp_path)
 
 
@@ -561,9 +558,11 @@ def test_a_silent_host_is_declared_lost_and_may_come_back_under_restart(tmp_path
     for p in frozen:
         p.suspend()
     changes = tmp_path / "h0" / "r" / "topology-changes.jsonl"
-    wait_for(lambda: changes.exists() and "removed_node" in changes.read_text(), 60, "host 2 lost")
-    for p in frozen:  # the machine is "rebooted"
-        p.kill()
+    try:
+        wait_for(lambda: changes.exists() and "removed_node" in changes.read_text(), 60, "loss")
+    finally:
+        for p in frozen:  # the machine is "rebooted" (and nothing stays stopped if this failed)
+            p.kill()
     again = launch(tmp_path, 2, 3, endpoint, *extra)
     codes = finish([procs[0], procs[1], again])
     text = [output(tmp_path, k) for k in range(3)]

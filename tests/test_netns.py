@@ -38,10 +38,7 @@ def test_three_namespace_hosts_with_two_processes_each_drain_to_one_model(tmp_pa
         try:
             codes = [p.wait(timeout=180) for p in procs]
         finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait(timeout=10)
+            _reap(procs)
     assert codes == [0, 0, 0], [(tmp_path / f"out{k}").read_text()[-1500:] for k in range(3)]
     run0 = tmp_path / "h0" / "r"
     summary = json.loads((run0 / "summary.json").read_text())
@@ -60,6 +57,14 @@ def test_three_namespace_hosts_with_two_processes_each_drain_to_one_model(tmp_pa
 CUT_S = 3.0
 #: Data the kernel had received before the cut may be applied this long after it began, in s.
 CUT_SLACK_S = 0.3
+
+
+def _reap(procs) -> None:
+    """Kill and reap any launcher still running (after a failed assertion or a timeout)."""
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait(timeout=10)
 
 
 def _host_argv(hosts, k, tmp_path, *extra):
@@ -153,10 +158,7 @@ def test_a_host_cut_off_for_3_s_mid_training_loses_nothing(tmp_path):
             assert hosts.link_is_up(1)
             codes = [p.wait(timeout=180) for p in procs]
         finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait(timeout=10)
+            _reap(procs)
     assert codes == [0, 0, 0], [(tmp_path / f"out{k}").read_text()[-1500:] for k in range(3)]
     run0 = tmp_path / "h0" / "r"
     summary = json.loads((run0 / "summary.json").read_text())

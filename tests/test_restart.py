@@ -468,17 +468,18 @@ def test_version_vectors_follow_every_restart_of_a_node():
 
 @mp
 def test_a_long_emulated_gradient_is_not_taken_for_a_hang(tmp_path):
-    # each gradient waits 2.5 s, longer than the heartbeat timeout: heartbeats go on meanwhile
+    # the gradient waits 5 s, longer than the heartbeat timeout (3 s): heartbeats go on meanwhile
+    # (every 1 s, so a loaded machine has 2 s of slack)
     proc = start_command(
         tmp_path,
         "-n",
         "2",
         "--steps",
-        "2",
+        "1",
         "--compute-time",
-        "2.5",
+        "5",
         "--heartbeat-timeout-s",
-        "1.5",
+        "3",
     )
     out, err = finish(proc)
     assert proc.returncode == 0, err

@@ -93,7 +93,6 @@ class FailureCoordinator:
         self.lost_hosts: set[int] = set()
         self.expect_ready: set[int] = set()  # dead nodes a rejoined host is starting again
         self.exited: set[int] = set()
-        self.ever_failed = False
 
     # -- views ---------------------------------------------------------------------
     def alive(self) -> list[int]:
@@ -152,7 +151,6 @@ class FailureCoordinator:
         if node in self.failures:  # already dead (its host was lost, or a repeated report)
             settled = node not in self.awaiting and node not in self.waiting_host
             return [{"do": "settled", "node": node}] if settled else []
-        self.ever_failed = True
         self.exited.discard(node)
         joining = self.joining.pop(node, None)
         self.ready_early.pop(node, None)
@@ -250,7 +248,7 @@ class FailureCoordinator:
         if node in self.exited:
             return []
         self.exited.add(node)
-        if not (self.ever_failed and self.dasgd):
+        if not ((self.failures or self.restarts) and self.dasgd):
             return []
         # after a repair it may leave before a new neighbour heard its `complete`
         message = {"kind": "finished", "node": node}
